@@ -1,0 +1,34 @@
+"""Pairwise distances between embeddings, as triplet-reid's ``loss.cdist``."""
+
+from __future__ import annotations
+
+import torch
+
+METRICS = ("euclidean", "sqeuclidean", "cityblock")
+
+# triplet-reid adds this inside the square root: the gradient of sqrt is undefined at 0.
+EUCLIDEAN_EPS = 1e-12
+
+
+def check_metric(metric: str) -> str:
+    """Return ``metric`` if supported, else raise ``ValueError`` naming the choices."""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: must be one of {', '.join(METRICS)}")
+    return metric
+
+
+def cdist(a: torch.Tensor, b: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
+    """All pairwise distances between rows of ``a`` (N, D) and ``b`` (M, D), shape (N, M).
+
+    ``euclidean`` is ``sqrt(d^2 + 1e-12)`` (never exactly 0, differentiable everywhere);
+    the squared distances come from the difference tensor, not ``|a|^2 + |b|^2 - 2ab``,
+    so they are exact and never negative. Use :func:`cdist_chunked` for large inputs.
+    """
+    check_metric(metric)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"cdist: expected (N, D) and (M, D), got {tuple(a.shape)} and {tuple(b.shape)}")
+    diffs = a[:, None, :] - b[None, :, :]  # (N, M, D)
+    if metric == "cityblock":
+        return diffs.abs().sum(-1)
+    sq = diffs.square().sum(-1)
+    return sq if metric == "sqeuclidean" else torch.sqrt(sq + EUCLIDEAN_EPS)
