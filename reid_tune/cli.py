@@ -1,0 +1,204 @@
+"""The ``reid-tune`` command: each subcommand parses its arguments and calls one library function."""
+
+from __future__ import annotations
+
+import sys
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import click
+
+from reid_tune.config import TrainConfig, config_from_dict
+from reid_tune.errors import ReidTuneError
+
+# Training options that are no plain command-line values, or are given by their own option.
+_NOT_FLAGS = {"train_set", "image_root"}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="reid-tune")
+def cli() -> None:
+    """Batch-hard triplet re-ID training, evaluation and hyperparameter search.
+
+    `reid-tune SPACE.yaml` is short for `reid-tune search SPACE.yaml`.
+    """
+
+
+# ---------------------------------------------------------------- data
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["market1501", "duke", "cuhk03", "folder"]))
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the CSV lists.")
+def prepare(kind: str, src: Path, out: Path) -> None:
+    """Write triplet-reid CSV lists (pid,path) for an unpacked data set."""
+    from reid_tune.datasets import prepare as run
+
+    for path in run(kind, src, out):
+        click.echo(path)
+
+
+@cli.command("generate-demo")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--train-ids", default=40, show_default=True, help="Training identities.")
+@click.option("--test-ids", default=20, show_default=True, help="Test identities (query + gallery).")
+@click.option("--seed", default=0, show_default=True)
+def generate_demo(out: Path, train_ids: int, test_ids: int, seed: int) -> None:
+    """Generate the small synthetic data set (Market-1501 layout and CSVs) used by the demo."""
+    from reid_tune.synthetic import generate_demo as run
+
+    for path in run(out, num_train_ids=train_ids, num_test_ids=test_ids, seed=seed):
+        click.echo(path)
+
+
+# ---------------------------------------------------------------- train
+
+
+def _flag_type(name: str) -> type:
+    """The click type of a TrainConfig field: its own, the non-None one of an optional, else text (margin)."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (int, float, bool, str) else str
+
+
+def _training_options(command: Any) -> Any:
+    """Add one ``--option`` per TrainConfig field (default: the dataclass's, shown in --help)."""
+    for field in reversed(fields(TrainConfig)):
+        if field.name in _NOT_FLAGS:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        kind = _flag_type(field.name)
+        if kind is bool:
+            flag = f"{flag}/--no-{field.name.replace('_', '-')}"
+        command = click.option(flag, field.name, type=kind, default=None,
+                               help=f"[default: {field.default}]")(command)
+    return command
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """The margin option is text: a number becomes a float, 'soft'/'none' stay words."""
+    if name == "margin":
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+@cli.command()
+@click.option("--train-set", type=click.Path(path_type=Path), help="Training CSV (pid,path).")
+@click.option("--image-root", type=click.Path(path_type=Path), help="Folder the CSV paths are relative to.")
+@click.option("--run-dir", required=True, type=click.Path(path_type=Path), help="Folder for options, "
+              "checkpoints and logs.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --run-dir with its stored options.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_training_options
+def train(train_set: Path | None, image_root: Path | None, run_dir: Path, resume: bool, quiet: bool,
+          **options: Any) -> None:
+    """Train one model; defaults are the paper's Market-1501 settings (P=18, K=4, soft margin, 25k its)."""
+    from reid_tune.train import train as run
+
+    given = {k: _coerce(k, v) for k, v in options.items() if v is not None}
+    if train_set is not None:
+        given["train_set"] = str(train_set)
+    if image_root is not None:
+        given["image_root"] = str(image_root)
+    if resume and given:
+        raise ReidTuneError(f"--resume takes the stored options; drop --{next(iter(given)).replace('_', '-')}")
+    if not resume and not (train_set and image_root):
+        raise ReidTuneError("train: --train-set and --image-root are required (unless --resume)")
+    cfg = None if resume else config_from_dict(given, source="command line")
+    result = run(cfg, run_dir, resume=resume, progress=not quiet)
+    click.echo(f"{'interrupted' if result.interrupted else 'finished'} at iteration {result.step}; "
+               f"checkpoint {result.checkpoint}")
+    if result.interrupted:
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------- embed and evaluate
+
+
+@cli.command()
+@click.option("--run-dir", type=click.Path(path_type=Path), help="A training run folder.")
+@click.option("--model", "model_uri", help="A registered model instead of a run folder, e.g. models:/NAME@champion.")
+@click.option("--checkpoint", type=int, help="Iteration of the checkpoint (default: the newest).")
+@click.option("--dataset", required=True, type=click.Path(path_type=Path), help="CSV (pid,path) to embed.")
+@click.option("--image-root", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .h5 (or .csv with --format csv).")
+@click.option("--flip-augment", is_flag=True, help="Also embed the horizontal flip.")
+@click.option("--crop-augment", type=click.Choice(["center", "five", "avgpool"]), help="Test-time crops.")
+@click.option("--aggregator", type=click.Choice(["mean", "normalized_mean"]), help="How views are combined.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["h5", "csv"]), default="h5", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def embed(run_dir: Path | None, model_uri: str | None, checkpoint: int | None, dataset: Path, image_root: Path,
+          out: Path, flip_augment: bool, crop_augment: str | None, aggregator: str | None, batch_size: int,
+          fmt: str, device: str) -> None:
+    """Embed a data set with a trained network (triplet-reid's HDF5 layout)."""
+    from reid_tune.embed import embed_dataset
+    from reid_tune.train import find_checkpoint, load_model, resolve_device
+
+    if (run_dir is None) == (model_uri is None):
+        raise ReidTuneError("embed: give exactly one of --run-dir and --model")
+    if model_uri is not None:
+        from reid_tune.tracking import download_checkpoint
+
+        path = download_checkpoint(model_uri)
+    else:
+        path = find_checkpoint(run_dir, checkpoint)
+    dev = resolve_device(device)
+    model, cfg = load_model(path, device=dev)
+    embed_dataset(model, cfg, dataset, image_root, out, crop_augment=crop_augment, flip_augment=flip_augment,
+                  aggregator=aggregator, batch_size=batch_size, fmt=fmt, device=dev)
+    click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.option("--query-dataset", required=True, type=click.Path(path_type=Path))
+@click.option("--query-embeddings", required=True, type=click.Path(path_type=Path))
+@click.option("--gallery-dataset", required=True, type=click.Path(path_type=Path))
+@click.option("--gallery-embeddings", required=True, type=click.Path(path_type=Path))
+@click.option("--excluder", required=True,
+              type=click.Choice(["market1501", "duke", "cuhk03", "diagonal", "none"]),
+              help="Which gallery entries a query ignores (same pid and camera, junk).")
+@click.option("--metric", default="euclidean", show_default=True,
+              type=click.Choice(["euclidean", "sqeuclidean", "cityblock"]))
+@click.option("--market-ap", is_flag=True, help="The official Market-1501 (MATLAB) trapezoid AP.")
+@click.option("--out", type=click.Path(path_type=Path), help="JSON with mAP, CMC, aps, mINP.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+def evaluate(query_dataset: Path, query_embeddings: Path, gallery_dataset: Path, gallery_embeddings: Path,
+             excluder: str, metric: str, market_ap: bool, out: Path | None, device: str | None) -> None:
+    """CMC, mAP and mINP of query embeddings against a gallery, as triplet-reid's evaluate.py."""
+    from reid_tune.evaluate import evaluate_files
+
+    result = evaluate_files(query_dataset, query_embeddings, gallery_dataset, gallery_embeddings,
+                            excluder=excluder, metric=metric, market_ap=market_ap, out_json=out, device=device)
+    click.echo(result.summary())
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script: run the CLI, printing our errors as one line with a non-zero exit."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0].endswith((".yaml", ".yml")):
+        args.insert(0, "search")
+    try:
+        cli.main(args=args, prog_name="reid-tune", standalone_mode=False)
+    except ReidTuneError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

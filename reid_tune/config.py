@@ -1,0 +1,160 @@
+"""Training configuration: one frozen dataclass, defaults = the paper's Market-1501 settings, validated on load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from reid_tune.errors import ReidTuneError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+LOSSES = ("batch_hard", "batch_all")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run (Hermans et al. 2017, Sec. 4 and triplet-reid's train.py)."""
+
+    # data
+    train_set: str = ""  # triplet-reid CSV: pid,relative/path
+    image_root: str = ""  # the CSV's paths are relative to this folder
+    # network
+    network: str = "resnet50"  # see reid_tune.models.list_networks()
+    head: str = "fc1024"  # fc1024, direct, and their _normalize variants
+    embedding_dim: int = 128
+    pretrained: str | None = None  # None, "imagenet", a torchvision weights name, or a local .pth file
+    # PK batches: P identities x K images each
+    batch_p: int = 18
+    batch_k: int = 4
+    # input: resize to pre_crop, then a random crop of input size (pixels, H x W)
+    input_height: int = 256
+    input_width: int = 128
+    pre_crop_height: int = 288
+    pre_crop_width: int = 144
+    crop_augment: bool = True  # False resizes straight to the input size
+    flip_augment: bool = True
+    # loss
+    loss: str = "batch_hard"  # or batch_all
+    margin: float | str = "soft"  # a float (hinge), "soft" (softplus) or "none"
+    metric: str = "euclidean"  # euclidean, sqeuclidean, cityblock
+    # optimisation: Adam, constant lr, then exponential decay to lr * decay_factor at the last iteration
+    learning_rate: float = 3e-4
+    train_iterations: int = 25_000
+    decay_start_iteration: int = 15_000  # >= train_iterations: no decay
+    decay_factor: float = 0.001
+    # bookkeeping
+    checkpoint_frequency: int = 1_000  # iterations between checkpoints
+    keep_checkpoints: int = 0  # 0 keeps every checkpoint, like triplet-reid
+    log_every: int = 10  # iterations between logged statistics
+    seed: int = 0
+    # speed
+    device: str = "auto"  # auto = cuda when available
+    precision: str = "auto"  # auto = bf16 autocast on a GPU, exact fp32 on the CPU
+    channels_last: bool | None = None  # None = on a GPU only
+    num_workers: int = 2  # image decoding processes
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_dim", "input_height", "input_width", "train_iterations",
+                     "checkpoint_frequency", "log_every"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        _require(self.batch_p >= 2, "batch_p", self.batch_p, ">= 2")
+        _require(self.batch_k >= 2, "batch_k", self.batch_k, ">= 2 (batch-hard needs a positive)")
+        _require(self.pre_crop_height >= self.input_height, "pre_crop_height", self.pre_crop_height,
+                 f">= input_height={self.input_height}")
+        _require(self.pre_crop_width >= self.input_width, "pre_crop_width", self.pre_crop_width,
+                 f">= input_width={self.input_width}")
+        _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
+        _require(0 < self.decay_factor <= 1, "decay_factor", self.decay_factor, "in (0, 1]")
+        _require(self.decay_start_iteration >= 0, "decay_start_iteration", self.decay_start_iteration, ">= 0")
+        for name in ("keep_checkpoints", "num_workers", "seed"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        _require(self.loss in LOSSES, "loss", self.loss, f"one of {', '.join(LOSSES)}")
+        _require(self.precision in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        _require(self.metric in ("euclidean", "sqeuclidean", "cityblock"), "metric", self.metric,
+                 "one of euclidean, sqeuclidean, cityblock")
+        _check_margin(self.margin)
+
+    @property
+    def batch_size(self) -> int:
+        """Images per step, P x K."""
+        return self.batch_p * self.batch_k
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Network input (H, W)."""
+        return (self.input_height, self.input_width)
+
+    @property
+    def pre_crop_size(self) -> tuple[int, int]:
+        """Resize target before cropping (H, W)."""
+        return (self.pre_crop_height, self.pre_crop_width)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with ``changes`` applied (type-checked like a loaded file)."""
+        return config_from_dict({**self.to_dict(), **changes}, source="override")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every option."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        """Write every option to ``path`` as JSON (atomically)."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        """Read a config written by :meth:`save`."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ReidTuneError(f"{path}: cannot read the stored options: {err}") from None
+        return config_from_dict(data, source=str(path))
+
+
+def _require(ok: bool, key: str, value: Any, expectation: str) -> None:
+    if not ok:
+        raise ReidTuneError(f"{key}={value!r}: must be {expectation}")
+
+
+def _check_margin(margin: float | str) -> None:
+    if isinstance(margin, str):
+        _require(margin.lower() in ("soft", "none"), "margin", margin, "a number >= 0, 'soft' or 'none'")
+    else:
+        _require(margin >= 0, "margin", margin, "a number >= 0, 'soft' or 'none'")
+
+
+def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` fits the field's annotation (int for float is fine; bool is not an int)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {})  # noqa: S307 - our own dataclass annotations
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_accepts(arg, value) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    """Build a validated :class:`TrainConfig`; unknown keys and wrong types name ``source`` and the key."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    for key, value in data.items():
+        if key not in known:
+            raise ReidTuneError(f"{source}: unknown option {key!r}; known: {', '.join(sorted(known))}")
+        if not _accepts(known[key].type, value):
+            raise ReidTuneError(f"{source}: {key}={value!r}: expected {known[key].type}")
+    values = {k: (float(v) if known[k].type == "float" and isinstance(v, int) else v) for k, v in data.items()}
+    try:
+        return TrainConfig(**values)
+    except ReidTuneError as err:
+        raise ReidTuneError(f"{source}: {err}") from None

@@ -1,0 +1,198 @@
+"""Triplet losses of Hermans et al. (2017) as composable parts: distance, mining, margin.
+
+``cdist`` (``reid_tune.distances``) gives the all-pairs distances, a miner (:data:`MINERS`) picks the
+triplets and returns ``d(a, p) - d(a, n)`` through :func:`apply_margin`, and :class:`TripletLoss`
+glues them together and adds the in-batch statistics triplet-reid logs. Everything is a pure
+function of ``(embeddings, labels)``, so global mining can run it on all-gathered embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from reid_tune.distances import cdist, check_metric
+
+MARGIN_WORDS = ("soft", "none")
+
+# A loss above this counts as an active (non-zero) triplet, as in triplet-reid's ``num_active``.
+ACTIVE_THRESHOLD = 1e-5
+
+
+def parse_margin(value: str | float) -> float | str:
+    """A margin as ``float >= 0``, ``'soft'`` (softplus) or ``'none'`` (no margin); strings like '0.2' too."""
+    if isinstance(value, str) and value.strip().lower() in MARGIN_WORDS:
+        return value.strip().lower()
+    try:
+        margin = float(value)
+    except (TypeError, ValueError):
+        margin = math.nan
+    if isinstance(value, bool) or not (math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"margin={value!r}: must be a number >= 0, 'soft' or 'none'")
+    return margin
+
+
+def apply_margin(x: torch.Tensor, margin: str | float) -> torch.Tensor:
+    """Turn ``d(a, p) - d(a, n)`` into a loss: hinge ``relu(x + m)``, ``softplus(x)`` or ``x`` itself."""
+    margin = parse_margin(margin)
+    if margin == "soft":
+        return F.softplus(x)
+    if margin == "none":
+        return x
+    return F.relu(x + margin)
+
+
+def _pair_masks(dists: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (B, B) masks of positive pairs (same label, not itself) and negative pairs."""
+    if dists.dim() != 2 or dists.shape[0] != dists.shape[1] or labels.shape != dists.shape[:1]:
+        raise ValueError(
+            f"dists {tuple(dists.shape)} and labels {tuple(labels.shape)}: must be (B, B) and (B,)"
+        )
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same & ~eye, ~same
+
+
+def _hardest(
+    dists: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per anchor, the furthest positive (-inf if none) and the closest negative (+inf if none)."""
+    furthest_pos = dists.masked_fill(~positive, -math.inf).amax(dim=1)
+    closest_neg = dists.masked_fill(~negative, math.inf).amin(dim=1)
+    return furthest_pos, closest_neg
+
+
+def batch_hard(dists: torch.Tensor, labels: torch.Tensor, margin: str | float) -> torch.Tensor:
+    """Batch-hard loss per anchor, shape (B,): its furthest positive against its closest negative.
+
+    Static shapes and no host sync. An anchor without a positive or a negative in the batch has no
+    triplet and gets loss 0 (with zero gradient); in a PK batch every anchor has both.
+    """
+    positive, negative = _pair_masks(dists, labels)
+    furthest_pos, closest_neg = _hardest(dists, positive, negative)
+    has_triplet = positive.any(dim=1) & negative.any(dim=1)
+    return torch.where(has_triplet, apply_margin(furthest_pos - closest_neg, margin), 0.0)
+
+
+def batch_all(dists: torch.Tensor, labels: torch.Tensor, margin: str | float) -> torch.Tensor:
+    """Losses of all valid (anchor, positive, negative) triplets, flattened in (a, p, n) order."""
+    positive, negative = _pair_masks(dists, labels)
+    valid = positive[:, :, None] & negative[:, None, :]
+    diffs = dists[:, :, None] - dists[:, None, :]  # d(a, p) - d(a, n) at [a, p, n]
+    return apply_margin(diffs[valid], margin)
+
+
+Miner = Callable[[torch.Tensor, torch.Tensor, str | float], torch.Tensor]
+MINERS: dict[str, Miner] = {"batch_hard": batch_hard, "batch_all": batch_all}
+
+
+Stats3 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _mean_min_max(values: torch.Tensor, mask: torch.Tensor | None = None) -> Stats3:
+    """Mean, min and max of ``values[mask]`` (all of them if no mask) without dynamic shapes.
+
+    All three are NaN for an empty selection.
+    """
+    if values.numel() == 0:
+        nan = values.new_full((), math.nan)
+        return nan, nan, nan
+    if mask is None:
+        return values.mean(), values.amin(), values.amax()
+    count = mask.sum()
+    mean = torch.where(mask, values, 0.0).sum() / count
+    low = torch.where(mask, values, math.inf).amin()
+    high = torch.where(mask, values, -math.inf).amax()
+    empty = count == 0
+    return mean, torch.where(empty, math.nan, low), torch.where(empty, math.nan, high)
+
+
+def _named(prefix: str, stats: Stats3) -> dict[str, torch.Tensor]:
+    return dict(zip((f"{prefix}_mean", f"{prefix}_min", f"{prefix}_max"), stats))
+
+
+@torch.no_grad()
+def triplet_stats(
+    dists: torch.Tensor,
+    labels: torch.Tensor,
+    losses: torch.Tensor,
+    embeddings: torch.Tensor,
+    *,
+    k: int,
+) -> dict[str, torch.Tensor]:
+    """What triplet-reid monitors during training, as detached scalar tensors (no host sync).
+
+    ``top1``/``prec_at_k``: how often an anchor's nearest / ``k`` nearest other samples in the
+    batch share its label (``k = K - 1`` in training). Distances over pairs, hardest distances over
+    anchors that have them, embedding norms over samples.
+    """
+    batch = len(labels)
+    if not 1 <= k <= batch - 1:
+        raise ValueError(f"k={k}: must be in [1, {batch - 1}] (batch size - 1)")
+    dists, losses = dists.detach(), losses.detach()
+    positive, negative = _pair_masks(dists, labels)
+    same = labels[:, None] == labels[None, :]
+    others = dists.masked_fill(torch.eye(batch, dtype=torch.bool, device=dists.device), math.inf)
+    nearest_same = same.gather(1, others.topk(k, dim=1, largest=False).indices).to(dists.dtype)
+    furthest_pos, closest_neg = _hardest(dists, positive, negative)
+    return {
+        **_named("loss", _mean_min_max(losses)),
+        "active_fraction": (losses > ACTIVE_THRESHOLD).to(dists.dtype).mean(),
+        "top1": nearest_same[:, 0].mean(),
+        "prec_at_k": nearest_same.mean(),
+        **_named("pos_dist", _mean_min_max(dists, positive)),
+        **_named("neg_dist", _mean_min_max(dists, negative)),
+        "hardest_pos_mean": _mean_min_max(furthest_pos, positive.any(dim=1))[0],
+        "hardest_neg_mean": _mean_min_max(closest_neg, negative.any(dim=1))[0],
+        **_named("emb_norm", _mean_min_max(embeddings.detach().norm(dim=1))),
+    }
+
+
+class TripletLoss(torch.nn.Module):
+    """Distance + miner + margin: ``forward(embeddings, labels) -> (mean loss, stats)``.
+
+    Distances are computed in (at least) float32 with autocast disabled, so mixed-precision
+    training does not mine on half-precision distances.
+    """
+
+    def __init__(
+        self,
+        *,
+        margin: float | str = "soft",
+        metric: str = "euclidean",
+        mining: str = "batch_hard",
+        precision_k: int | None = None,
+    ) -> None:
+        super().__init__()
+        if mining not in MINERS:
+            raise ValueError(f"mining={mining!r}: must be one of {', '.join(MINERS)}")
+        if precision_k is not None and precision_k < 1:
+            raise ValueError(f"precision_k={precision_k}: must be >= 1 or None")
+        self.margin = parse_margin(margin)
+        self.metric = check_metric(metric)
+        self.mining = mining
+        self.precision_k = precision_k
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean loss over the mined triplets, and :func:`triplet_stats` (empty if ``precision_k`` is None)."""
+        if embeddings.dim() != 2 or labels.shape != embeddings.shape[:1]:
+            shapes = f"embeddings {tuple(embeddings.shape)} and labels {tuple(labels.shape)}"
+            raise ValueError(f"{shapes}: must be (B, D) and (B,)")
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+            dists = cdist(embeddings, embeddings, self.metric)
+            losses = MINERS[self.mining](dists, labels, self.margin)
+        if self.precision_k is None:
+            return losses.mean(), {}
+        return losses.mean(), triplet_stats(dists, labels, losses, embeddings, k=self.precision_k)
+
+    def extra_repr(self) -> str:
+        return (
+            f"margin={self.margin!r}, metric={self.metric!r}, mining={self.mining!r}, "
+            f"precision_k={self.precision_k}"
+        )
