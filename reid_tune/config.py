@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from reid_tune.errors import ReidTuneError
+from reid_tune.losses import parse_margin
 
 PRECISIONS = ("auto", "fp32", "bf16")
 LOSSES = ("batch_hard", "batch_all")
@@ -124,10 +125,10 @@ def _require(ok: bool, key: str, value: Any, expectation: str) -> None:
 
 
 def _check_margin(margin: float | str) -> None:
-    if isinstance(margin, str):
-        _require(margin.lower() in ("soft", "none"), "margin", margin, "a number >= 0, 'soft' or 'none'")
-    else:
-        _require(margin >= 0, "margin", margin, "a number >= 0, 'soft' or 'none'")
+    try:
+        parse_margin(margin)
+    except ValueError as err:
+        raise ReidTuneError(str(err)) from None
 
 
 def _accepts(annotation: Any, value: Any) -> bool:

@@ -213,8 +213,8 @@ def build_step(cfg: TrainConfig, device: torch.device) -> TrainStep:
 # ---------------------------------------------------------------- run folder
 
 
-def prepare_run_dir(cfg: TrainConfig | None, run_dir: Path, *, resume: bool) -> TrainConfig:
-    """Create a fresh run folder storing ``cfg``, or, resuming, return the stored options."""
+def run_options(cfg: TrainConfig | None, run_dir: Path, *, resume: bool) -> TrainConfig:
+    """The options of the run: ``cfg`` for a new run folder, the stored ones when resuming."""
     run_dir = Path(run_dir)
     stored = run_dir / CONFIG_FILE
     if resume:
@@ -225,8 +225,6 @@ def prepare_run_dir(cfg: TrainConfig | None, run_dir: Path, *, resume: bool) -> 
         raise ReidTuneError("train: options are needed unless resuming")
     if stored.exists() or list_checkpoints(run_dir):
         raise ReidTuneError(f"{run_dir}: already holds a run; pass --resume to continue it or pick a new folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(stored)
     return cfg
 
 
@@ -282,11 +280,14 @@ def train(cfg: TrainConfig | None, run_dir: Path, *, resume: bool = False,
         train(cfg, Path("runs/market"), progress=True)
     """
     run_dir = Path(run_dir)
-    cfg = prepare_run_dir(cfg, run_dir, resume=resume)
+    cfg = run_options(cfg, run_dir, resume=resume)
     callback = callback or TrainCallback()
     device = resolve_device(cfg.device)
     dataset = load_training_set(cfg)
     step_fn = build_step(cfg, device)
+    if not resume:  # written only once the options and the data passed every check
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / CONFIG_FILE)
 
     # resume: architecture and options from the run folder, weights and Adam state from the checkpoint
     start, last = 0, None

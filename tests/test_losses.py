@@ -21,8 +21,8 @@ def pk_labels(p: int, k: int) -> torch.Tensor:
     return torch.arange(p).repeat_interleave(k)
 
 
-def embeddings(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 6, generator=torch.Generator().manual_seed(seed), dtype=dtype).requires_grad_()
+def embeddings(n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(n, 6, generator=torch.Generator().manual_seed(0), dtype=dtype).requires_grad_()
 
 
 # --- references: one pair, one triplet at a time ---------------------------------------------

@@ -1,0 +1,71 @@
+"""Training: checkpoints, interrupt and resume to the identical state, stored options, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from reid_tune.config import TrainConfig
+from reid_tune.errors import ReidTuneError
+from reid_tune.train import TrainCallback, list_checkpoints, load_model, train
+
+
+class _InterruptAt(TrainCallback):
+    """Sends this process SIGINT during step ``step``, as a user's Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted(tiny_config: TrainConfig, tmp_path: Path) -> None:
+    whole = train(tiny_config, tmp_path / "whole")
+    assert not whole.interrupted and whole.step == 6
+
+    cut = train(tiny_config, tmp_path / "cut", callback=_InterruptAt(2))
+    assert cut.interrupted and cut.step == 2 and cut.checkpoint.name == "checkpoint-000002.pt"
+    resumed = train(None, tmp_path / "cut", resume=True)
+    assert resumed.step == 6 and not resumed.interrupted
+
+    a, b = _weights(whole.checkpoint), _weights(resumed.checkpoint)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_run_folder_holds_options_checkpoints_and_log(tiny_config: TrainConfig, tmp_path: Path) -> None:
+    train(tiny_config, tmp_path)
+    assert TrainConfig.load(tmp_path / "config.json") == tiny_config
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-000003.pt", "checkpoint-000006.pt"]
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss_mean", "active_fraction", "top1", "prec_at_k", "lr", "images_per_s"):
+        assert key in log[0]
+    assert log[-1]["lr"] < log[0]["lr"]
+    model, cfg = load_model(list_checkpoints(tmp_path)[-1])
+    assert cfg == tiny_config and not model.training
+
+
+def test_existing_run_is_not_overwritten(tiny_config: TrainConfig, tmp_path: Path) -> None:
+    train(tiny_config, tmp_path)
+    with pytest.raises(ReidTuneError, match="already holds a run"):
+        train(tiny_config, tmp_path)
+    with pytest.raises(ReidTuneError, match="nothing to resume"):
+        train(None, tmp_path / "empty", resume=True)
+
+
+def test_too_few_identities_for_p(tiny_config: TrainConfig, tmp_path: Path) -> None:
+    with pytest.raises(ReidTuneError, match="batch_p=500"):
+        train(tiny_config.replace(batch_p=500), tmp_path)
+    assert not list_checkpoints(tmp_path)
