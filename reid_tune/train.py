@@ -24,11 +24,12 @@ import torch
 
 from reid_tune.augmentation import train_augment
 from reid_tune.config import TrainConfig
+from reid_tune.distributed import gather_batch, rank_and_world, wrap_model
 from reid_tune.datasets import ReidDataset, check_trainable, load_csv, load_image
 from reid_tune.errors import ReidTuneError
 from reid_tune.losses import TripletLoss
 from reid_tune.models import ReidModel, create_model
-from reid_tune.sampler import PKSampler
+from reid_tune.sampler import PKSampler, shard_batch
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
@@ -45,8 +46,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` is the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # the current GPU: Ray Train and torchrun select each worker's own
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
 
 
@@ -56,8 +57,8 @@ class TrainCallback:
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         """Called every ``log_every`` steps with the batch statistics (floats)."""
 
-    def on_checkpoint(self, step: int, path: Path, model: ReidModel) -> None:
-        """Called after a checkpoint of ``step`` was written to ``path``."""
+    def on_checkpoint(self, step: int, path: Path | None, model: ReidModel) -> None:
+        """Called after a checkpoint of ``step`` was written to ``path`` (None on workers other than rank 0)."""
 
 
 @dataclass(frozen=True)
@@ -78,25 +79,28 @@ class PKBatches(torch.utils.data.Dataset):
     A pure function of (seed, step), whatever process or worker computes it: resume-exact.
     """
 
-    def __init__(self, dataset: ReidDataset, cfg: TrainConfig) -> None:
+    def __init__(self, dataset: ReidDataset, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1) -> None:
         self.fids = dataset.fids
         self.root = Path(cfg.image_root)
         self.sampler = PKSampler(dataset.pids, cfg.batch_p, cfg.batch_k, seed=cfg.seed)
-        self.cfg = cfg
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
 
     def __len__(self) -> int:
         return self.cfg.train_iterations
 
     def __getitem__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         indices = self.sampler.batch(step)
-        rng = np.random.default_rng([self.cfg.seed, step, 1])  # 1: the augmentation stream
-        images = torch.stack([
-            train_augment(load_image(self.root / self.fids[i]), rng, input_size=self.cfg.input_size,
-                          pre_crop_size=self.cfg.pre_crop_size, crop=self.cfg.crop_augment,
-                          flip=self.cfg.flip_augment)
-            for i in indices
-        ])
-        return step, images, torch.from_numpy(self.sampler.labels(indices))
+        positions = shard_batch(np.arange(len(indices)), batch_p=self.cfg.batch_p, batch_k=self.cfg.batch_k,
+                                rank=self.rank, world_size=self.world_size)
+        images = torch.stack([self._augmented(step, p, indices[p]) for p in positions])
+        return step, images, torch.from_numpy(self.sampler.labels(indices[positions]))
+
+    def _augmented(self, step: int, position: int, index: int) -> torch.Tensor:
+        # one stream per (step, place in the global batch): the same pixels whatever the worker count
+        rng = np.random.default_rng([self.cfg.seed, step, position])
+        return train_augment(load_image(self.root / self.fids[index]), rng, input_size=self.cfg.input_size,
+                             pre_crop_size=self.cfg.pre_crop_size, crop=self.cfg.crop_augment,
+                             flip=self.cfg.flip_augment)
 
 
 def _worker_init(_: int) -> None:
@@ -174,25 +178,37 @@ def load_model(path: Path, *, device: str | torch.device = "cpu") -> tuple[ReidM
 
 
 class TrainStep:
-    """Forward, loss, backward and Adam step of one PK batch; returns the loss statistics (device tensors)."""
+    """Forward, loss, backward and Adam step of one PK batch; returns the loss statistics (device tensors).
+
+    ``model`` is the plain network (what checkpoints hold); ``net`` is what runs it, DDP when distributed.
+    """
 
     def __init__(self, model: ReidModel, loss_fn: TripletLoss, optimizer: torch.optim.Optimizer, *,
                  device: torch.device, bf16: bool, channels_last: bool) -> None:
-        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.model, self.net, self.loss_fn, self.optimizer = model, model, loss_fn, optimizer
         self.device, self.bf16, self.channels_last = device, bf16, channels_last
+
+    def distribute(self) -> None:
+        """Run data-parallel across the initialised process group (a no-op for one worker)."""
+        self.net = wrap_model(self.model, self.device)
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Loss of the (global) batch and its gradients in ``.grad``; mining spans every worker's share."""
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            embeddings = self.net(images)
+        embeddings, labels = gather_batch(embeddings.float(), labels)
+        loss, stats = self.loss_fn(embeddings, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss, stats
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
-        labels = labels.to(self.device, non_blocking=True)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-        with autocast:
-            embeddings = self.model(images)
-        loss, stats = self.loss_fn(embeddings.float(), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        _, stats = self.forward_backward(images, labels)
         self.optimizer.step()
         return stats
 
@@ -274,6 +290,9 @@ def train(cfg: TrainConfig | None, run_dir: Path, *, resume: bool = False,
           callback: TrainCallback | None = None, progress: bool = False) -> TrainResult:
     """Train one model into ``run_dir``; with ``resume`` continue it from its newest checkpoint.
 
+    Under an initialised process group (e.g. a Ray Train worker) every worker runs this with its share
+    of each PK batch; rank 0 alone writes the run folder, every worker gets the callbacks.
+
     Example::
 
         cfg = TrainConfig(train_set="data/market1501_train.csv", image_root="Market-1501-v15.09.15")
@@ -281,29 +300,40 @@ def train(cfg: TrainConfig | None, run_dir: Path, *, resume: bool = False,
     """
     run_dir = Path(run_dir)
     cfg = run_options(cfg, run_dir, resume=resume)
-    callback = callback or TrainCallback()
+    rank, world = rank_and_world()
     device = resolve_device(cfg.device)
     dataset = load_training_set(cfg)
     step_fn = build_step(cfg, device)
-    if not resume:  # written only once the options and the data passed every check
+    if not resume and rank == 0:  # written only once the options and the data passed every check
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / CONFIG_FILE)
+    start, last = _restore(step_fn, run_dir, device) if resume else (0, None)
+    step_fn.distribute()
+    batches = PKBatches(dataset, cfg, rank=rank, world_size=world)
+    return _loop(cfg, run_dir, step_fn, batches, start, last, callback or TrainCallback(),
+                 progress=progress and rank == 0, main=rank == 0)
 
-    # resume: architecture and options from the run folder, weights and Adam state from the checkpoint
-    start, last = 0, None
-    if resume and list_checkpoints(run_dir):
-        last = find_checkpoint(run_dir)
-        state = torch.load(last, map_location=device, weights_only=True)
-        step_fn.model.load_state_dict(state["model"])
-        step_fn.optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
 
-    batches = PKBatches(dataset, cfg)
+def _restore(step_fn: TrainStep, run_dir: Path, device: torch.device) -> tuple[int, Path | None]:
+    """Weights and Adam state from the newest checkpoint (architecture and options came from the folder)."""
+    if not list_checkpoints(run_dir):
+        return 0, None
+    last = find_checkpoint(run_dir)
+    state = torch.load(last, map_location=device, weights_only=True)
+    step_fn.model.load_state_dict(state["model"])
+    step_fn.optimizer.load_state_dict(state["optimizer"])
+    return state["step"], last
+
+
+def _loop(cfg: TrainConfig, run_dir: Path, step_fn: TrainStep, batches: PKBatches, start: int,
+          last: Path | None, callback: TrainCallback, *, progress: bool, main: bool) -> TrainResult:
+    """Steps ``start`` .. ``train_iterations``: step, log, checkpoint, stop."""
+    device = step_fn.device
     stream = batch_stream(batches, start, num_workers=cfg.num_workers, pin=device.type == "cuda")
     stop = _StopFlag()
     bar = _Bar(cfg, start) if progress else contextlib.nullcontext()
     done, tick, tick_step = start, time.perf_counter(), start
-    step_fn.model.train()
+    step_fn.net.train()
     with stop.installed(), bar as live:
         for step, images, labels in stream:
             # forward, backward, Adam step at this step's learning rate
@@ -317,16 +347,17 @@ def train(cfg: TrainConfig | None, run_dir: Path, *, resume: bool = False,
                 metrics = {k: float(v) for k, v in stats.items()}
                 metrics.update(lr=lr, images_per_s=(done - tick_step) * cfg.batch_size / max(now - tick, 1e-9))
                 tick, tick_step = now, done
-                _append_log(run_dir, {"step": done, **metrics})
+                if main:
+                    _append_log(run_dir, {"step": done, **metrics})
                 callback.on_log(done, metrics)
                 if live is not None:
                     live.update(done, metrics)
 
             # checkpoint: periodically, at the end, and when asked to stop
             if done % cfg.checkpoint_frequency == 0 or done == cfg.train_iterations or stop.set:
-                last = save_checkpoint(run_dir, done, step_fn.model, step_fn.optimizer, cfg)
+                last = save_checkpoint(run_dir, done, step_fn.model, step_fn.optimizer, cfg) if main else None
                 callback.on_checkpoint(done, last, step_fn.model)
-                step_fn.model.train()
+                step_fn.net.train()
             if stop.set:
                 return TrainResult(step=done, checkpoint=last, interrupted=True)
     return TrainResult(step=done, checkpoint=last, interrupted=False)
