@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -133,8 +133,9 @@ def _one_line(exc: BaseException) -> str:
 
 def check_trainable(dataset: ReidDataset, *, min_images: int = 2) -> None:
     """Every identity needs ``min_images`` images: batch-hard triplets need a positive pair."""
-    counts = Counter(dataset.pids.tolist())
-    for row, (pid, fid) in enumerate(zip(dataset.pids, dataset.fids), start=1):
+    pids = dataset.pids.tolist()
+    counts = Counter(pids)
+    for row, (pid, fid) in enumerate(zip(pids, dataset.fids), start=1):
         if counts[pid] < min_images:
             raise ReidTuneError(
                 f"{dataset.source}:{row}: identity {pid!r} has {counts[pid]} image(s) ({fid}), "
@@ -164,13 +165,13 @@ def _csv_text(pids: Sequence[str] | np.ndarray, fids: Sequence[str] | np.ndarray
 
 def _write_files(files: Mapping[Path, str]) -> None:
     """Write all ``files`` or none: each goes to a temporary file first, then all are renamed."""
-    temps: list[tuple[str, Path]] = []
+    temps: list[tuple[Path, Path]] = []
     try:
         for path, text in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps.append((temp, path))
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+            with open(temp, "x", encoding="utf-8", newline="\n") as handle:
+                temps.append((temp, path))
                 handle.write(text)
         for temp, path in temps:
             os.replace(temp, path)
@@ -179,8 +180,7 @@ def _write_files(files: Mapping[Path, str]) -> None:
         raise ReidTuneError(f"{culprit}: cannot write ({exc.strerror or exc})") from None
     finally:
         for temp, _ in temps:
-            if os.path.exists(temp):
-                os.unlink(temp)
+            temp.unlink(missing_ok=True)
 
 
 # Images and camera conventions

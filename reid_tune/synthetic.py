@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,8 @@ _PALETTE = np.array(
 _SKINS = np.array([[240, 200, 170], [200, 150, 110], [140, 95, 60], [90, 60, 40]], dtype=np.float32)
 _HAIRS = np.array([[20, 15, 10], [90, 55, 25], [200, 170, 90], [150, 150, 150]], dtype=np.float32)
 _PATTERNS = ("plain", "horizontal", "vertical")
+# Distinct outfits: plain tops ignore the stripe colour, which differs from the top's colour.
+_OUTFITS = len(_PALETTE) ** 2 * (1 + (len(_PATTERNS) - 1) * (len(_PALETTE) - 1))
 
 # Body layout in units of the body height: 0 is the top of the head, 1 the soles.
 _HEAD_CENTER, _HEAD_RADII = 0.075, (0.055, 0.075)
@@ -89,9 +91,9 @@ def generate_demo(
     _check_options(num_train_ids, num_test_ids, images_per_camera, num_cameras, size, junk, distractors)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ReidTuneError(f"{out}: already exists and is not an empty folder, expected a new or empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        raise ReidTuneError(f"{out}: already exists and is not empty, expected a new or empty folder")
+    build = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+    build.mkdir(parents=True)
     try:
         _write_tree(
             build,
@@ -124,8 +126,8 @@ def _check_options(
         "num_test_ids": (num_test_ids, 1, "the evaluation needs a query"),
         "images_per_camera": (images_per_camera, 2, "each test camera needs a query and a gallery image"),
         "num_cameras": (num_cameras, 2, "queries are matched across cameras"),
-        "size[0] (height)": (size[0], 32, "smaller images cannot show a person"),
-        "size[1] (width)": (size[1], 16, "smaller images cannot show a person"),
+        "size[0]": (size[0], 32, "the height; smaller images cannot show a person"),
+        "size[1]": (size[1], 16, "the width; smaller images cannot show a person"),
         "junk": (junk, 0, "it is a count"),
         "distractors": (distractors, 0, "it is a count"),
     }
@@ -137,8 +139,6 @@ def _check_options(
             f"num_train_ids + num_test_ids = {num_train_ids + num_test_ids}: expected at most 9999 "
             "(Market-1501 names hold four-digit ids)"
         )
-    if num_cameras > 9:
-        raise ReidTuneError(f"num_cameras={num_cameras}: expected at most 9 (Market-1501 names hold one digit)")
 
 
 def _write_tree(
@@ -156,9 +156,9 @@ def _write_tree(
         (root / folder).mkdir()
     for pid in range(1, num_train_ids + num_test_ids + 1):
         person = generator.person()
+        is_train = pid <= num_train_ids
         for camera in range(1, generator.num_cameras + 1):
             for shot in range(images_per_camera):
-                is_train = pid <= num_train_ids
                 folder = "bounding_box_train" if is_train else "query" if shot == 0 else "bounding_box_test"
                 generator.save(root / folder, f"{pid:04d}", person, camera)
     for pid, count, partial in (("-1", junk, True), ("0000", distractors, False)):
@@ -176,18 +176,12 @@ class _Generator:
         self.num_cameras = num_cameras
         self.cameras = [self._camera() for _ in range(num_cameras)]
         self.frame = 0
-        self._seen: set[tuple[int, int, int, int]] = set()
+        self._outfits: set[tuple[int, int, int, int]] = set()
 
     def person(self) -> _Person:
         """A new identity; the clothing combination is unique among this data set's identities."""
         rng = self.rng
-        while True:
-            upper, lower, stripe = (int(i) for i in rng.integers(0, len(_PALETTE), 3))
-            pattern = int(rng.integers(0, len(_PATTERNS)))
-            key = (upper, lower, stripe if pattern else -1, pattern)
-            if stripe != upper and key not in self._seen or len(self._seen) >= 12**3 * 2:
-                break
-        self._seen.add(key)
+        upper, lower, stripe, pattern = self._outfit()
         return _Person(
             upper=_PALETTE[upper],
             lower=_PALETTE[lower],
@@ -202,6 +196,18 @@ class _Generator:
             shoulder=float(rng.uniform(0.085, 0.125)),
             bag=_PALETTE[rng.integers(0, len(_PALETTE))] if rng.random() < 0.4 else None,
         )
+
+    def _outfit(self) -> tuple[int, int, int, int]:
+        """Palette indices of top, trousers and stripes, and the pattern: new while combinations last."""
+        rng = self.rng
+        while True:
+            upper, lower, shift = (int(rng.integers(0, len(_PALETTE))) for _ in range(3))
+            stripe = (upper + 1 + shift % (len(_PALETTE) - 1)) % len(_PALETTE)
+            pattern = int(rng.integers(0, len(_PATTERNS)))
+            outfit = (upper, lower, stripe if pattern else -1, pattern)
+            if outfit not in self._outfits or len(self._outfits) == _OUTFITS:
+                self._outfits.add(outfit)
+                return upper, lower, stripe, pattern
 
     def _camera(self) -> _Camera:
         """A colour cast and brightness, a light direction, and a textured wall-and-floor background."""
@@ -252,11 +258,14 @@ class _Generator:
         if rng.random() < 0.5:
             height, width = image.shape[:2]
             y0, x0 = int(rng.integers(0, height)), int(rng.integers(0, width))
-            box_height, box_width = int(rng.integers(height // 8, height // 2)), int(rng.integers(4, width // 2))
+            box_height = int(rng.integers(height // 8, height // 2))
+            box_width = int(rng.integers(4, width // 2))
             image[y0 : y0 + box_height, x0 : x0 + box_width] = rng.uniform(0, 255, 3)
 
 
-def _body(person: _Person, y: np.ndarray, x: np.ndarray, *, stride: float) -> list[tuple[np.ndarray, np.ndarray]]:
+def _body(
+    person: _Person, y: np.ndarray, x: np.ndarray, *, stride: float
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(mask, colour) pairs painting ``person`` back to front, in body coordinates ``y`` (down) and ``x``."""
     reach = np.abs(x)
     torso_rows = (y >= _SHOULDER_Y) & (y < person.waist)
