@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import torch
 
-from reid_tune.augmentation import AGGREGATORS, CROP_AUGMENTS, eval_views, view_names
+from reid_tune.augmentation import AGGREGATORS, eval_views, view_names
 from reid_tune.config import TrainConfig
 from reid_tune.datasets import load_csv, load_image
 from reid_tune.errors import ReidTuneError
@@ -40,8 +40,6 @@ def embed_images(model: ReidModel, paths: list[Path], cfg: TrainConfig, *, crop_
                  flip_augment: bool = False, batch_size: int = 256, num_workers: int = 2,
                  device: str | torch.device = "cpu") -> np.ndarray:
     """Embeddings of every view of every image, float32 (V, N, D), preprocessed as ``cfg`` trained."""
-    if crop_augment not in CROP_AUGMENTS:
-        raise ReidTuneError(f"crop_augment={crop_augment!r}: must be one of {CROP_AUGMENTS}")
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(
         _Views(paths, cfg, crop_augment, flip_augment), batch_size=batch_size, num_workers=num_workers,
@@ -62,7 +60,9 @@ def embed_images(model: ReidModel, paths: list[Path], cfg: TrainConfig, *, crop_
 
 def aggregate(views: np.ndarray, aggregator: str | None) -> np.ndarray:
     """One embedding per image: the only view, or the views combined (``mean`` unless told otherwise)."""
-    return views[0] if len(views) == 1 else np.asarray(AGGREGATORS[aggregator or "mean"](views), np.float32)
+    if len(views) == 1:
+        return views[0]
+    return np.asarray(AGGREGATORS[aggregator or "mean"](views), np.float32)
 
 
 def write_h5(path: Path, views: np.ndarray, names: list[str], aggregator: str | None) -> None:

@@ -87,13 +87,19 @@ def _read_state_dict(pretrained: str, choices: Sequence[str], network: str) -> d
     path = Path(pretrained).expanduser()
     if not path.is_file():
         hint = f"choose from {', '.join(choices)} or" if choices else f"{network} has no published weights;"
-        raise ReidTuneError(f"pretrained={pretrained!r}: no such file; {hint} pass a local .pth/.pt state_dict")
+        raise ReidTuneError(
+            f"pretrained={pretrained!r}: no such file; {hint} pass a local .pth/.pt state_dict"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for a file that is not a state_dict
-        raise ReidTuneError(f"pretrained={pretrained!r}: not a readable state_dict ({_one_line(exc)})") from exc
+        raise ReidTuneError(
+            f"pretrained={pretrained!r}: not a readable state_dict ({_one_line(exc)})"
+        ) from exc
     if not isinstance(state, dict):
-        raise ReidTuneError(f"pretrained={pretrained!r}: holds a {type(state).__name__}, expected a state_dict")
+        raise ReidTuneError(
+            f"pretrained={pretrained!r}: holds a {type(state).__name__}, expected a state_dict"
+        )
     return state
 
 
@@ -208,7 +214,9 @@ class LuNet(nn.Module):
         self.feature_dim = in_width
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, a=LEAKY_SLOPE, mode="fan_out", nonlinearity="leaky_relu")
+                nn.init.kaiming_normal_(
+                    module.weight, a=LEAKY_SLOPE, mode="fan_out", nonlinearity="leaky_relu"
+                )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -236,14 +244,17 @@ class EmbeddingHead(nn.Module):
     shift; decay 0.9 is momentum 0.1), orthogonal embedding weights with zero bias.
     """
 
-    def __init__(self, feature_dim: int, *, embedding_dim: int, hidden_dim: int | None, normalize: bool) -> None:
+    def __init__(
+        self, feature_dim: int, *, embedding_dim: int, hidden_dim: int | None, normalize: bool
+    ) -> None:
         super().__init__()
         if hidden_dim is None:
             self.hidden: nn.Module = nn.Identity()
         else:
             linear = nn.Linear(feature_dim, hidden_dim, bias=False)
             nn.init.xavier_uniform_(linear.weight)
-            self.hidden = nn.Sequential(linear, nn.BatchNorm1d(hidden_dim, eps=1e-5, momentum=0.1), nn.ReLU(True))
+            batch_norm = nn.BatchNorm1d(hidden_dim, eps=1e-5, momentum=0.1)
+            self.hidden = nn.Sequential(linear, batch_norm, nn.ReLU(inplace=True))
         self.emb = nn.Linear(hidden_dim or feature_dim, embedding_dim)
         nn.init.orthogonal_(self.emb.weight)
         nn.init.zeros_(self.emb.bias)
@@ -313,9 +324,10 @@ def create_model(
     if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim <= 0:
         raise ValueError(f"embedding_dim={embedding_dim!r}: must be a positive integer")
     trunk = build_trunk(pretrained=pretrained)
-    return ReidModel(trunk, build_head(trunk.feature_dim, embedding_dim=embedding_dim), network=network, head_name=head)
+    embedding_head = build_head(trunk.feature_dim, embedding_dim=embedding_dim)
+    return ReidModel(trunk, embedding_head, network=network, head_name=head)
 
 
 def model_args(model: ReidModel) -> dict[str, Any]:
-    """The architecture arguments to store beside the weights: ``create_model(**model_args(m))`` rebuilds it."""
+    """Architecture arguments to store beside the weights; ``create_model(**model_args(m))`` rebuilds it."""
     return {"network": model.network, "head": model.head_name, "embedding_dim": model.embedding_dim}

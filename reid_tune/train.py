@@ -28,7 +28,7 @@ from reid_tune.distributed import gather_batch, rank_and_world, wrap_model
 from reid_tune.datasets import ReidDataset, check_trainable, load_csv, load_image
 from reid_tune.errors import ReidTuneError
 from reid_tune.losses import TripletLoss
-from reid_tune.models import ReidModel, create_model
+from reid_tune.models import ReidModel, create_model, model_args
 from reid_tune.sampler import PKSampler, shard_batch
 
 CONFIG_FILE = "config.json"
@@ -136,17 +136,12 @@ def save_checkpoint(run_dir: Path, step: int, model: ReidModel, optimizer: torch
     path = checkpoint_path(run_dir, step)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "config": cfg.to_dict(), "model_args": model_args(cfg)}, tmp)
+                "config": cfg.to_dict(), "model_args": model_args(model)}, tmp)
     tmp.replace(path)
     if cfg.keep_checkpoints:
         for old in list_checkpoints(run_dir)[:-cfg.keep_checkpoints]:
             old.unlink()
     return path
-
-
-def model_args(cfg: TrainConfig) -> dict[str, Any]:
-    """The architecture arguments a checkpoint needs to rebuild its network."""
-    return {"network": cfg.network, "head": cfg.head, "embedding_dim": cfg.embedding_dim}
 
 
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:

@@ -1,0 +1,238 @@
+"""Image preprocessing with triplet-reid's semantics (train.py's crop/flip, embed.py's test-time views).
+
+Images become float (3, H, W) tensors normalised with torchvision's ImageNet mean/std. Training
+randomness comes only from an explicit generator, so a resumed run sees the same pixels. As in
+triplet-reid, a flip applies to the whole pre-crop image and the crop is taken afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CROP_AUGMENTS = (None, "center", "five", "avgpool")
+
+# crop_augment -> embed.py's view suffixes, in its order.
+_CROP_VIEWS = {
+    None: ("_resize",),
+    "center": ("_center",),
+    "five": ("_center", "_top_left", "_top_right", "_bottom_left", "_bottom_right"),
+    "avgpool": ("_avgpool",),
+}
+
+# crop view -> (row, col) offset in halves of the margin (image size - crop size), as embed.py's
+# five_crops: the centre is floor(margin / 2). Views not listed use the whole image.
+_CROP_ANCHORS = {
+    "_center": (1, 1),
+    "_top_left": (0, 0),
+    "_top_right": (0, 2),
+    "_bottom_left": (2, 0),
+    "_bottom_right": (2, 2),
+}
+
+Size = tuple[int, int]
+# aggregators take and return numpy arrays (as triplet-reid's) or torch tensors alike
+Embeddings = TypeVar("Embeddings", np.ndarray, torch.Tensor)
+
+
+# --- checks and conversions ------------------------------------------------------------------------
+
+
+def _check_size(name: str, size: Sequence[int]) -> Size:
+    """``size`` as an (H, W) tuple of positive ints, else a one-line ``ValueError``."""
+    if (
+        not isinstance(size, Sequence)
+        or len(size) != 2
+        or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0 for s in size)
+    ):
+        raise ValueError(f"{name}={size!r}: expected (height, width), two positive integers")
+    return int(size[0]), int(size[1])
+
+
+def _check_sizes(input_size: Sequence[int], pre_crop_size: Sequence[int], *, crop: bool) -> tuple[Size, Size]:
+    """Validated (input_size, pre_crop_size); cropping needs a pre-crop image at least as big as the input."""
+    input_hw = _check_size("input_size", input_size)
+    pre_crop_hw = _check_size("pre_crop_size", pre_crop_size)
+    if crop and (pre_crop_hw[0] < input_hw[0] or pre_crop_hw[1] < input_hw[1]):
+        raise ValueError(f"pre_crop_size={pre_crop_hw}: must be at least input_size={input_hw} to crop from")
+    return input_hw, pre_crop_hw
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1], channels at dim -3, normalised with the ImageNet mean/std."""
+    mean = images.new_tensor(IMAGENET_MEAN)[:, None, None]
+    std = images.new_tensor(IMAGENET_STD)[:, None, None]
+    return (images - mean) / std
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """An (H, W, 3) uint8 array as a normalised float (3, H, W) tensor."""
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return normalize(chw.float() / 255.0)
+
+
+def _resized(image: Image.Image, size: Size) -> np.ndarray:
+    """``image`` as RGB, bilinearly resized to ``size`` (H, W), as an (H, W, 3) uint8 array."""
+    resized = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.array(resized)  # a writable copy: torch.from_numpy warns on read-only arrays
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+def train_augment(
+    image: Image.Image,
+    rng: np.random.Generator,
+    *,
+    input_size: Sequence[int] = (256, 128),
+    pre_crop_size: Sequence[int] = (288, 144),
+    crop: bool = True,
+    flip: bool = True,
+) -> torch.Tensor:
+    """triplet-reid's training input (3, H, W): resize, random horizontal flip (p=0.5), random crop.
+
+    With ``crop`` the image is resized to ``pre_crop_size`` and a uniformly placed ``input_size``
+    window is cut out; without, it is resized straight to ``input_size``. All randomness comes from
+    ``rng``, drawn in a fixed order (flip, then crop row, then crop column).
+    """
+    input_hw, pre_crop_hw = _check_sizes(input_size, pre_crop_size, crop=crop)
+    array = _resized(image, pre_crop_hw if crop else input_hw)
+    if flip and rng.random() < 0.5:
+        array = array[:, ::-1]
+    if crop:
+        top = int(rng.integers(0, pre_crop_hw[0] - input_hw[0] + 1))
+        left = int(rng.integers(0, pre_crop_hw[1] - input_hw[1] + 1))
+        array = array[top : top + input_hw[0], left : left + input_hw[1]]
+    return to_tensor(array)
+
+
+def batch_train_augment(
+    images_uint8: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    input_size: Sequence[int] = (256, 128),
+    pre_crop_size: Sequence[int] = (288, 144),
+    crop: bool = True,
+    flip: bool = True,
+) -> torch.Tensor:
+    """:func:`train_augment` for a uint8 batch (B, 3, H0, W0) on any device -> normalised (B, 3, H, W).
+
+    Resizes the whole batch (bilinear, antialiased), then flips and crops each sample by index
+    arithmetic. Random numbers are drawn on ``generator``'s device (flips, then rows, then columns),
+    so a seed gives the same augmentation wherever the images live. The result is channels_last.
+    """
+    input_hw, pre_crop_hw = _check_sizes(input_size, pre_crop_size, crop=crop)
+    if images_uint8.dim() != 4 or images_uint8.shape[1] != 3 or images_uint8.dtype != torch.uint8:
+        raise ValueError(
+            f"images_uint8: got {images_uint8.dtype} {tuple(images_uint8.shape)}; expected uint8 (B, 3, H, W)"
+        )
+    size = pre_crop_hw if crop else input_hw
+    images = images_uint8.float() / 255.0
+    if tuple(images.shape[-2:]) != size:
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+    images = normalize(images)
+    batch, device = images.shape[0], images.device
+    flipped = _draw_flips(batch, generator, enabled=flip).to(device)
+    tops = _draw_offsets(batch, size[0] - input_hw[0], generator, enabled=crop).to(device)
+    lefts = _draw_offsets(batch, size[1] - input_hw[1], generator, enabled=crop).to(device)
+    rows = tops[:, None] + torch.arange(input_hw[0], device=device)  # (B, H)
+    cols = lefts[:, None] + torch.arange(input_hw[1], device=device)  # (B, W) in the (maybe flipped) image
+    cols = torch.where(flipped[:, None], size[1] - 1 - cols, cols)  # ... as columns of the unflipped image
+    samples = torch.arange(batch, device=device)[:, None, None]
+    crops = images[samples, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, 3)
+    return crops.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+def _draw_flips(batch: int, generator: torch.Generator, *, enabled: bool) -> torch.Tensor:
+    """(B,) bools, each True with probability 0.5 when ``enabled``; all False otherwise."""
+    if not enabled:
+        return torch.zeros(batch, dtype=torch.bool, device=generator.device)
+    return torch.rand(batch, generator=generator, device=generator.device) < 0.5
+
+
+def _draw_offsets(batch: int, margin: int, generator: torch.Generator, *, enabled: bool) -> torch.Tensor:
+    """(B,) crop offsets uniform in [0, margin] when ``enabled``; all 0 otherwise."""
+    if not enabled:
+        return torch.zeros(batch, dtype=torch.long, device=generator.device)
+    return torch.randint(0, margin + 1, (batch,), generator=generator, device=generator.device)
+
+
+# --- test time -------------------------------------------------------------------------------------
+
+
+def _check_crop_augment(crop_augment: str | None) -> str | None:
+    """``crop_augment`` if it is one of :data:`CROP_AUGMENTS`, else a one-line ``ValueError``."""
+    if crop_augment not in CROP_AUGMENTS:
+        choices = ", ".join(map(str, CROP_AUGMENTS))
+        raise ValueError(f"crop_augment={crop_augment!r}: unknown; choose from {choices}")
+    return crop_augment
+
+
+def _flip_views(flip_augment: bool) -> tuple[str, ...]:
+    """embed.py's flip suffixes: the original first, then its mirror image."""
+    return ("", "_flip") if flip_augment else ("",)
+
+
+def view_names(*, crop_augment: str | None = None, flip_augment: bool = False) -> list[str]:
+    """embed.py's ``augmentation_types`` for these options, in the order :func:`eval_views` stacks them."""
+    crops = _CROP_VIEWS[_check_crop_augment(crop_augment)]
+    return [f"original{flipped}{cropped}" for flipped in _flip_views(flip_augment) for cropped in crops]
+
+
+def _crop_view(array: np.ndarray, view: str, size: Size) -> np.ndarray:
+    """The ``view`` crop of ``size`` from ``array`` (H, W, 3), or all of it for uncropped views."""
+    if view not in _CROP_ANCHORS:
+        return array
+    row_halves, col_halves = _CROP_ANCHORS[view]
+    top = (array.shape[0] - size[0]) * row_halves // 2
+    left = (array.shape[1] - size[1]) * col_halves // 2
+    return array[top : top + size[0], left : left + size[1]]
+
+
+def eval_views(
+    image: Image.Image,
+    *,
+    input_size: Sequence[int] = (256, 128),
+    pre_crop_size: Sequence[int] = (288, 144),
+    crop_augment: str | None = None,
+    flip_augment: bool = False,
+) -> torch.Tensor:
+    """embed.py's test-time views of ``image``, (V, 3, h, w), named by :func:`view_names`.
+
+    None resizes to ``input_size``; ``center``/``five`` crop ``input_size`` windows from the image
+    resized to ``pre_crop_size``; ``avgpool`` keeps that whole pre-crop image (so h, w are
+    ``pre_crop_size``), relying on the network's global pooling. Flips mirror the whole image first.
+    """
+    crops = _CROP_VIEWS[_check_crop_augment(crop_augment)]
+    input_hw, pre_crop_hw = _check_sizes(input_size, pre_crop_size, crop=crop_augment is not None)
+    array = _resized(image, input_hw if crop_augment is None else pre_crop_hw)
+    bases = [array[:, ::-1] if flip_suffix else array for flip_suffix in _flip_views(flip_augment)]
+    return torch.stack([to_tensor(_crop_view(base, view, input_hw)) for base in bases for view in crops])
+
+
+# --- aggregation -----------------------------------------------------------------------------------
+
+
+def mean(embs: Embeddings, *, axis: int = 0) -> Embeddings:
+    """The mean embedding over the views ``axis`` (embed.py's layout is (V, N, D), axis 0)."""
+    return embs.mean(axis)
+
+
+def normalized_mean(embs: Embeddings, *, axis: int = 0) -> Embeddings:
+    """:func:`mean`, then divided by its L2 norm along the embedding (last) axis, as triplet-reid."""
+    averaged = mean(embs, axis=axis)
+    return averaged / ((averaged * averaged).sum(-1) ** 0.5)[..., None]
+
+
+AGGREGATORS: dict[str, Callable[..., Embeddings]] = {
+    "mean": mean,
+    "normalized_mean": normalized_mean,
+}
