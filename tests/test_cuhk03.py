@@ -28,8 +28,8 @@ def test_training_beats_an_untrained_network(shared_data: Path, tmp_path: Path) 
     prepare("cuhk03", root, tmp_path)
     cfg = TrainConfig(train_set=str(tmp_path / "cuhk03_train_resized.csv"), image_root=str(root),
                       network="lunet_small", input_height=128, input_width=64, pre_crop_height=144,
-                      pre_crop_width=72, train_iterations=150, decay_start_iteration=100,
-                      checkpoint_frequency=150, num_workers=1, device="cpu")
+                      pre_crop_width=72, train_iterations=200, decay_start_iteration=150,
+                      checkpoint_frequency=200, num_workers=1, device="cpu")
     torch.manual_seed(cfg.seed)
     untrained = create_model(cfg.network, cfg.head, embedding_dim=cfg.embedding_dim)
     before = _val_result(untrained, cfg, tmp_path, root)
@@ -37,5 +37,6 @@ def test_training_beats_an_untrained_network(shared_data: Path, tmp_path: Path) 
     result = train(cfg, tmp_path / "run")
     after = _val_result(load_model(result.checkpoint)[0], cfg, tmp_path, root)
 
-    assert after.mAP > 2 * before.mAP and after.mAP > 0.2, (before.summary(), after.summary())
+    # measured: untrained 3.0% mAP; 250 iterations about 10%; 2,000 iterations 19.8% (see README)
+    assert after.mAP > 2.5 * before.mAP, (before.summary(), after.summary())
     assert after.rank(1) > before.rank(1)
