@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
+from reid_tune.atomic import atomic_path
 from reid_tune.augmentation import AGGREGATORS, eval_views, view_names
 from reid_tune.config import TrainConfig
 from reid_tune.datasets import load_csv, load_image
@@ -69,7 +68,7 @@ def write_h5(path: Path, views: np.ndarray, names: list[str], aggregator: str | 
     """triplet-reid's layout: ``emb`` [N, D]; with several views also ``emb_aug`` [A, N, D]; always
     ``augmentation_types``. Written to a temporary file first, so no half-written output remains."""
     emb = aggregate(views, aggregator)
-    with _atomic(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         if len(views) > 1:
             f.create_dataset("emb_aug", data=views)
         f.create_dataset("emb", data=emb)
@@ -78,28 +77,9 @@ def write_h5(path: Path, views: np.ndarray, names: list[str], aggregator: str | 
 
 def write_csv_embeddings(path: Path, fids: np.ndarray, emb: np.ndarray) -> None:
     """``path,v1,v2,...`` per image, as triplet-reid's trinet_embed.py printed them."""
-    with _atomic(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for fid, row in zip(fids, emb):
             f.write(f"{fid}," + ",".join(f"{x:.8e}" for x in row) + "\n")
-
-
-class _atomic:
-    """A temporary path beside ``path`` that replaces it on success and is removed on failure."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def __enter__(self) -> str:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
 
 
 def embed_dataset(model: ReidModel, cfg: TrainConfig, dataset_csv: str | Path, image_root: str | Path,

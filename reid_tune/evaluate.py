@@ -29,8 +29,6 @@ size (3,368 x 19,732, D=128) takes about 0.6 s on two CPU cores (benchmarks/benc
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import torch
 
 from reid_tune.datasets import camera_ids, load_csv, pids_from_names
 from reid_tune.distances import METRICS, cdist
+from reid_tune.atomic import write_text
 from reid_tune.errors import ReidTuneError
 
 EXCLUDERS = ("market1501", "duke", "cuhk03", "diagonal", "none")
@@ -189,7 +188,7 @@ def evaluate_files(
     result = evaluate(query_embs, gallery_embs, query.pids, gallery.pids, query.fids, gallery.fids,
                       excluder=excluder, metric=metric, market_ap=market_ap, device=device)
     if out_json is not None:
-        _write_json(Path(out_json), result.to_json())
+        write_text(out_json, json.dumps(result.to_json()))
     return result
 
 
@@ -250,19 +249,6 @@ def _read_emb(h5_path: str | Path, num_rows: int, csv_path: str | Path) -> np.nd
             f"{path}: 'emb' has shape {emb.shape}, expected ({num_rows}, D) for the rows of {csv_path}"
         )
     return emb
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON to a temporary file beside ``path``, then rename it over ``path``."""
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(temp, path)
-    except OSError as exc:
-        raise ReidTuneError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 # Protocol: which gallery entries count for which query
