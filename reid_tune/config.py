@@ -13,8 +13,9 @@ from typing import Any
 from reid_tune.errors import ReidTuneError
 from reid_tune.losses import parse_margin
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 LOSSES = ("batch_hard", "batch_all")
+DATA_PATHS = ("auto", "cpu", "device")
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,18 @@ class TrainConfig:
     seed: int = 0
     # speed
     device: str = "auto"  # auto = cuda when available
-    precision: str = "auto"  # auto = bf16 autocast on a GPU, exact fp32 on the CPU
+    precision: str = "auto"  # auto = bf16 autocast on a GPU, exact fp32 on the CPU; tf32: TF32 on a GPU
     channels_last: bool | None = None  # None = on a GPU only
-    num_workers: int = 2  # image decoding processes
+    num_workers: int = 2  # image decoding processes (the cpu data path)
+    # data path: "cpu" decodes JPEGs every step in num_workers processes; "device" decodes the set once
+    # into a uint8 cache and augments on the device (reid_tune.gpu_data); "auto": device on a GPU when
+    # the cache takes at most cache_limit_gib
+    data_path: str = "auto"
+    cache_dir: str = ""  # node-local folder of decoded caches; "" = $REID_TUNE_CACHE or ~/.cache/reid-tune
+    cache_limit_gib: float = 64.0  # the largest cache data_path=auto uses (GiB of uint8 pixels)
+    cache_headroom_gib: float = 16.0  # GPU memory the cache must leave free, else it stays in host memory
+    cuda_graph: bool | None = None  # the whole step as one CUDA graph; None = on a GPU with one worker
+    compile: bool = False  # torch.compile the network
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "input_height", "input_width", "train_iterations",
@@ -76,6 +86,9 @@ class TrainConfig:
             _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         _require(self.loss in LOSSES, "loss", self.loss, f"one of {', '.join(LOSSES)}")
         _require(self.precision in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        _require(self.data_path in DATA_PATHS, "data_path", self.data_path, f"one of {', '.join(DATA_PATHS)}")
+        for name in ("cache_limit_gib", "cache_headroom_gib"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         _require(self.metric in ("euclidean", "sqeuclidean", "cityblock"), "metric", self.metric,
                  "one of euclidean, sqeuclidean, cityblock")
         _check_margin(self.margin)

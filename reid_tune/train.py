@@ -5,16 +5,23 @@ checkpoint, stop. A run folder holds ``config.json`` (every option), ``checkpoin
 ``log.jsonl`` (the logged statistics); :func:`train` with ``resume=True`` continues from the newest
 checkpoint and reaches the same state as an uninterrupted run, since every batch and every augmentation
 is a pure function of (seed, step).
+
+On a GPU the step is one CUDA graph replay (:class:`GraphedTrainStep`, bf16 autocast, channels_last)
+and batches come from a decoded uint8 cache augmented on the GPU (``reid_tune.gpu_data``), so the loop
+neither waits for the host nor needs more than one CPU core; the eager step and the DataLoader path
+remain behind ``cuda_graph`` and ``data_path``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,7 @@ from reid_tune.config import TrainConfig
 from reid_tune.distributed import gather_batch, rank_and_world, wrap_model
 from reid_tune.datasets import ReidDataset, check_trainable, load_csv, load_image
 from reid_tune.errors import ReidTuneError
+from reid_tune.gpu_data import DeviceBatches, resolve_data_path
 from reid_tune.losses import TripletLoss
 from reid_tune.models import ReidModel, create_model, model_args
 from reid_tune.sampler import PKSampler, shard_batch
@@ -45,10 +53,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is the GPU when there is one, else the CPU."""
-    if name == "auto":  # the current GPU: Ray Train and torchrun select each worker's own
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    """``auto`` is the GPU when there is one, else the CPU; a bare ``cuda`` is the current GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:  # Ray Train and torchrun select each worker's own
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class TrainCallback:
@@ -117,6 +128,18 @@ def batch_stream(batches: PKBatches, start: int, *, num_workers: int, pin: bool)
     return iter(loader)
 
 
+BatchSource = Callable[[int], Iterator[Any]]  # start step -> (step, images, labels) up to the last step
+
+
+def open_batches(dataset: ReidDataset, cfg: TrainConfig, device: torch.device, *, rank: int = 0,
+                 world_size: int = 1) -> BatchSource:
+    """The run's data path (see ``TrainConfig.data_path``): decoded cache on the device, or a DataLoader."""
+    if resolve_data_path(cfg, device, len(dataset)) == "device":
+        return DeviceBatches.from_dataset(dataset, cfg, device, rank=rank, world_size=world_size).stream
+    batches = PKBatches(dataset, cfg, rank=rank, world_size=world_size)
+    return functools.partial(batch_stream, batches, num_workers=cfg.num_workers, pin=device.type == "cuda")
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -175,24 +198,50 @@ def load_model(path: Path, *, device: str | torch.device = "cpu") -> tuple[ReidM
 class TrainStep:
     """Forward, loss, backward and Adam step of one PK batch; returns the loss statistics (device tensors).
 
-    ``model`` is the plain network (what checkpoints hold); ``net`` is what runs it, DDP when distributed.
+    ``model`` is the plain network (what checkpoints hold); ``net`` is what runs it: DDP when
+    distributed, compiled when asked.
     """
 
     def __init__(self, model: ReidModel, loss_fn: TripletLoss, optimizer: torch.optim.Optimizer, *,
-                 device: torch.device, bf16: bool, channels_last: bool) -> None:
+                 device: torch.device, bf16: bool, channels_last: bool, compile: bool = False) -> None:
         self.model, self.net, self.loss_fn, self.optimizer = model, model, loss_fn, optimizer
-        self.device, self.bf16, self.channels_last = device, bf16, channels_last
+        self.device, self.bf16, self.channels_last, self.compile = device, bf16, channels_last, compile
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout of image batches the network gets."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def distribute(self) -> None:
-        """Run data-parallel across the initialised process group (a no-op for one worker)."""
-        self.net = wrap_model(self.model, self.device)
+        """Make ``net``: data-parallel across the initialised process group (if any), compiled if asked.
+
+        Call once, after loading weights.
+        """
+        net = wrap_model(self.model, self.device)
+        self.net = torch.compile(net) if self.compile else net
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Weights and Adam state of a checkpoint; this step's optimizer options (lr tensor, fused...) stay."""
+        self.model.load_state_dict(state["model"])
+        options = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, kept in zip(self.optimizer.param_groups, options):
+            group.update(kept)
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next step; a tensor lr is filled in place (no host sync, graph-safe)."""
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Loss of the (global) batch and its gradients in ``.grad``; mining spans every worker's share."""
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        # no autocast weight cache: CUDA graph capture requires it, and each weight is cast once anyway
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             embeddings = self.net(images)
         embeddings, labels = gather_batch(embeddings.float(), labels)
         loss, stats = self.loss_fn(embeddings, labels)
@@ -200,25 +249,135 @@ class TrainStep:
         loss.backward()
         return loss, stats
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def update(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`forward_backward`, then the optimizer step at the current learning rate."""
         _, stats = self.forward_backward(images, labels)
         self.optimizer.step()
         return stats
 
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
+        self.set_lr(lr)
+        return self.update(images, labels)
+
+
+class GraphedTrainStep(TrainStep):
+    """:class:`TrainStep` replayed as one CUDA graph: forward, loss, backward and Adam in a single launch.
+
+    At P=18 K=4 an eager step is launch-bound; a replay is not. The first call warms up on a side
+    stream (cuDNN autotuning, lazy allocations, Adam's state), rolls those steps back, and captures
+    one step reading static batch buffers; Adam is capturable with its lr a device tensor, so the
+    schedule needs no re-capture. The returned statistics are static tensors, overwritten by every call.
+    """
+
+    WARMUP_STEPS = 3  # eager steps before capture, as PyTorch's whole-network capture example
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
+        if self.graph is None:
+            self._capture(images, labels)
+        self.set_lr(lr)
+        self.static_images.copy_(images, non_blocking=True)
+        self.static_labels.copy_(labels, non_blocking=True)
+        self.graph.replay()
+        return self.static_stats
+
+    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Static buffers shaped like this batch, warm-up (rolled back), then the capture of one update."""
+        self.static_images = torch.empty(images.shape, device=self.device, memory_format=self.memory_format)
+        self.static_labels = torch.empty(labels.shape, dtype=labels.dtype, device=self.device)
+        self.static_images.copy_(images)
+        self.static_labels.copy_(labels)
+        with rolled_back(self.model, self.optimizer), warnings.catch_warnings():
+            # Adam says capturable=True is slow outside a graph; the warm-up must run outside one
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP_STEPS):
+                    self.update(self.static_images, self.static_labels)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_stats = self.update(self.static_images, self.static_labels)
+
+
+@contextlib.contextmanager
+def rolled_back(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Undo the block's training steps in place: weights, buffers and optimizer state as before.
+
+    State the block created (Adam's first moments and step count) is zeroed, which is Adam's fresh state.
+    Tensors keep their storage, so a graph captured afterwards sees the restored values.
+    """
+    weights = [t.clone() for t in model.state_dict().values()]
+    moments = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
+    yield
+    with torch.no_grad():
+        for tensor, saved in zip(model.state_dict().values(), weights):
+            tensor.copy_(saved)
+        for param, state in optimizer.state.items():
+            for key, value in state.items():
+                if param in moments:
+                    value.copy_(moments[param][key])
+                else:
+                    value.zero_()
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """``fp32``, ``tf32`` or ``bf16``: ``auto`` is bf16 autocast on a GPU, exact fp32 elsewhere."""
+    if cfg.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return cfg.precision
+
+
+def use_cuda_graph(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the step runs as a CUDA graph: ``None`` means on a GPU with one worker (DDP stays eager)."""
+    world = rank_and_world()[1]
+    if cfg.cuda_graph is None:
+        return device.type == "cuda" and world == 1
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ReidTuneError(f"cuda_graph=True: needs a CUDA device, not device={cfg.device!r}")
+    if cfg.cuda_graph and world > 1:
+        raise ReidTuneError(f"cuda_graph=True: runs with one worker only, not {world}; use cuda_graph=null")
+    return cfg.cuda_graph
+
+
+def _configure_gpu(device: torch.device, precision: str) -> None:
+    """Process-wide GPU settings: ``device`` current, cuDNN autotuning, TF32 only when asked.
+
+    Graphs capture and replay on the current device; shapes never change, so autotuning pays once;
+    fp32 stays exact fp32 (under bf16 autocast TF32 would only touch the few ops left in fp32).
+    """
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+def _adam(model: ReidModel, cfg: TrainConfig, device: torch.device, *, graphed: bool) -> torch.optim.Adam:
+    """triplet-reid's Adam; on a GPU fused, with a device-tensor lr, capturable when graphed."""
+    if device.type != "cuda":
+        return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    lr = torch.tensor(cfg.learning_rate, device=device)
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=graphed)
+
 
 def build_step(cfg: TrainConfig, device: torch.device) -> TrainStep:
-    """Seeded model, loss and Adam for ``cfg`` on ``device``."""
+    """Seeded model, loss and Adam for ``cfg`` on ``device``, graphed or eager (see ``cfg.cuda_graph``)."""
+    graphed = use_cuda_graph(cfg, device)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.network, cfg.head, embedding_dim=cfg.embedding_dim, pretrained=cfg.pretrained)
     on_gpu = device.type == "cuda"
     channels_last = on_gpu if cfg.channels_last is None else cfg.channels_last
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     loss_fn = TripletLoss(margin=cfg.margin, metric=cfg.metric, mining=cfg.loss, precision_k=cfg.batch_k - 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
-    return TrainStep(model, loss_fn, optimizer, device=device, bf16=bf16, channels_last=channels_last)
+    precision = resolve_precision(cfg, device)
+    if on_gpu:
+        _configure_gpu(device, precision)
+    kind = GraphedTrainStep if graphed else TrainStep
+    return kind(model, loss_fn, _adam(model, cfg, device, graphed=graphed), device=device,
+                bf16=precision == "bf16", channels_last=channels_last, compile=cfg.compile)
 
 
 # ---------------------------------------------------------------- run folder
@@ -299,13 +458,13 @@ def train(cfg: TrainConfig | None, run_dir: Path, *, resume: bool = False,
     device = resolve_device(cfg.device)
     dataset = load_training_set(cfg)
     step_fn = build_step(cfg, device)
+    batches = open_batches(dataset, cfg, device, rank=rank, world_size=world)
     if not resume and rank == 0:  # written only once the options and the data passed every check
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / CONFIG_FILE)
     start, last = _restore(step_fn, run_dir, device) if resume else (0, None)
     step_fn.distribute()
-    batches = PKBatches(dataset, cfg, rank=rank, world_size=world)
-    return _loop(cfg, run_dir, step_fn, batches, start, last, callback or TrainCallback(),
+    return _loop(cfg, run_dir, step_fn, batches(start), start, last, callback or TrainCallback(),
                  progress=progress and rank == 0, main=rank == 0)
 
 
@@ -315,16 +474,13 @@ def _restore(step_fn: TrainStep, run_dir: Path, device: torch.device) -> tuple[i
         return 0, None
     last = find_checkpoint(run_dir)
     state = torch.load(last, map_location=device, weights_only=True)
-    step_fn.model.load_state_dict(state["model"])
-    step_fn.optimizer.load_state_dict(state["optimizer"])
+    step_fn.load_state(state)
     return state["step"], last
 
 
-def _loop(cfg: TrainConfig, run_dir: Path, step_fn: TrainStep, batches: PKBatches, start: int,
+def _loop(cfg: TrainConfig, run_dir: Path, step_fn: TrainStep, stream: Iterator[Any], start: int,
           last: Path | None, callback: TrainCallback, *, progress: bool, main: bool) -> TrainResult:
     """Steps ``start`` .. ``train_iterations``: step, log, checkpoint, stop."""
-    device = step_fn.device
-    stream = batch_stream(batches, start, num_workers=cfg.num_workers, pin=device.type == "cuda")
     stop = _StopFlag()
     bar = _Bar(cfg, start) if progress else contextlib.nullcontext()
     done, tick, tick_step = start, time.perf_counter(), start
@@ -338,8 +494,8 @@ def _loop(cfg: TrainConfig, run_dir: Path, step_fn: TrainStep, batches: PKBatche
 
             # log: the only host synchronisation of the loop
             if done % cfg.log_every == 0 or done == cfg.train_iterations:
+                metrics = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # waits for the GPU
                 now = time.perf_counter()
-                metrics = {k: float(v) for k, v in stats.items()}
                 metrics.update(lr=lr, images_per_s=(done - tick_step) * cfg.batch_size / max(now - tick, 1e-9))
                 tick, tick_step = now, done
                 if main:
