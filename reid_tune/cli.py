@@ -179,6 +179,40 @@ def evaluate(query_dataset: Path, query_embeddings: Path, gallery_dataset: Path,
     click.echo(result.summary())
 
 
+# ---- search and promote
+
+
+@cli.command()
+@click.argument("space", type=click.Path(path_type=Path))
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted search of this file (keeps finished trials).")
+@click.option("--smoke", is_flag=True, help="Shrink the search to CI size (two 10-iteration trials).")
+@click.option("--tracking-uri",
+              help="MLflow tracking URI (default: the file's, else sqlite:///mlflow.db here).")
+def search(space: Path, resume: bool, smoke: bool, tracking_uri: str | None) -> None:
+    """Run the Optuna-guided Ray Tune search of a search-space YAML, tracked in MLflow."""
+    from reid_tune.search import print_summary, run_search
+
+    summary = run_search(space, resume=resume, smoke_test=smoke, tracking_uri=tracking_uri)
+    print_summary(summary)
+    if summary.interrupted:
+        click.echo(f"interrupted; continue with: reid-tune {space} --resume", err=True)
+        sys.exit(130)
+
+
+@cli.command()
+@click.argument("search_name", metavar="SEARCH")
+@click.option("--name", help="Registered model name (default: the search file's mlflow.registered_model).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")
+@click.option("--device", default="auto", show_default=True)
+def promote(search_name: str, name: str | None, tracking_uri: str | None, device: str) -> None:
+    """Test the best trial of SEARCH (experiment name or parent run id) once, register it as @champion."""
+    from reid_tune.promote import promote as run
+
+    result = run(search_name, name=name, tracking_uri=tracking_uri, device=device)
+    click.echo(result.summary())
+
+
 # ---------------------------------------------------------------- entry point
 
 

@@ -1,0 +1,166 @@
+"""Promote a search's champion: the best trial by validation mAP, tested once, registered as ``@champion``.
+
+The test lists are used here and only here, after the search has chosen; the test numbers and
+embeddings go to the chosen trial's run, and the model (checkpoint with its architecture and
+preprocessing options) becomes a new version of the registered model, earlier versions kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Metric, Run
+from mlflow.tracking import MlflowClient
+
+from reid_tune.embed import embed_dataset
+from reid_tune.errors import ReidTuneError
+from reid_tune.evaluate import EvalResult, evaluate_files
+from reid_tune.tracking import (
+    BEST_METRIC,
+    CHECKPOINT_ARTIFACTS,
+    MODEL_NAME_TAG,
+    ROLE_TAG,
+    SEARCH_TAG,
+    TRIAL_TAG,
+    client_for,
+    cmc_plot,
+    register_model,
+)
+from reid_tune.train import find_checkpoint, load_model, resolve_device
+
+TEST_ARTIFACTS = "test"
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What ``promote`` registered, and the champion's test numbers."""
+
+    name: str
+    version: str
+    run_id: str
+    trial_id: str
+    test: EvalResult
+
+    def summary(self) -> str:
+        """One line per fact: the model version and alias, and the test mAP/CMC."""
+        return (
+            f"registered {self.name} version {self.version} (alias champion) from trial {self.trial_id}, "
+            f"run {self.run_id}\ntest {self.test.summary()}\n"
+            f"use it: reid-tune embed --model models:/{self.name}@champion ..."
+        )
+
+
+def find_search(client: MlflowClient, search: str) -> Run:
+    """The parent run of a search: by run id, or the newest search of an experiment name."""
+    if re.fullmatch(r"[0-9a-f]{32}", search):
+        run = client.get_run(search)
+        if run.data.tags.get(ROLE_TAG) != "search":
+            raise ReidTuneError(f"promote {search}: run is not a reid-tune search (no {ROLE_TAG}=search tag)")
+        return run
+    experiment = client.get_experiment_by_name(search)
+    runs = (
+        []
+        if experiment is None
+        else client.search_runs(
+            [experiment.experiment_id],
+            f"tags.`{ROLE_TAG}` = 'search'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+    )
+    if not runs:
+        raise ReidTuneError(
+            f"promote {search}: no reid-tune search in MLflow experiment {search!r} "
+            f"(tracking URI {client.tracking_uri})"
+        )
+    return runs[0]
+
+
+def best_trial(client: MlflowClient, parent: Run) -> Run:
+    """The search's trial run with the highest best validation mAP."""
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`{SEARCH_TAG}` = '{parent.data.tags[SEARCH_TAG]}' and tags.`{ROLE_TAG}` = 'trial'",
+        order_by=[f"metrics.{BEST_METRIC} DESC"],
+    )
+    scored = [run for run in runs if BEST_METRIC in run.data.metrics]
+    if not scored:
+        raise ReidTuneError(
+            f"promote: search run {parent.info.run_id} has no trial with a validated checkpoint"
+        )
+    return scored[0]
+
+
+def test_lists(parent: Run) -> tuple[Path, Path, Path, str]:
+    """The test query and gallery CSVs, image root and camera convention the search was given."""
+    params = parent.data.params
+    query, gallery = params.get("data.test_query", "None"), params.get("data.test_gallery", "None")
+    if "None" in (query, gallery):
+        raise ReidTuneError(
+            f"promote: search run {parent.info.run_id} has no data.test_query/test_gallery; "
+            "add them to the search-space file"
+        )
+    return Path(query), Path(gallery), Path(params["data.image_root"]), params["data.convention"]
+
+
+def test_champion(checkpoint: Path, parent: Run, out: Path, *, device: str) -> EvalResult:
+    """Embed the test query and gallery once and evaluate them (triplet-reid's files in ``out``)."""
+    query_csv, gallery_csv, image_root, convention = test_lists(parent)
+    dev = resolve_device(device)
+    model, cfg = load_model(checkpoint, device=dev)
+    files = {}
+    for role, csv in (("query", query_csv), ("gallery", gallery_csv)):
+        files[role] = embed_dataset(
+            model, cfg, csv, image_root, out / f"test_{role}.h5", num_workers=0, device=dev
+        )
+    return evaluate_files(
+        query_csv,
+        files["query"],
+        gallery_csv,
+        files["gallery"],
+        excluder=convention,
+        metric=cfg.metric,
+        out_json=out / "test.json",
+        device=dev,
+    )
+
+
+def promote(
+    search: str, *, name: str | None = None, tracking_uri: str | None = None, device: str = "auto"
+) -> Promotion:
+    """Test the best trial of ``search`` on the test lists and register it as ``name@champion``."""
+    client = client_for(tracking_uri)
+    parent = find_search(client, search)
+    best = best_trial(client, parent)
+    run_id = best.info.run_id
+    name = name or parent.data.tags.get(MODEL_NAME_TAG) or parent.info.run_name
+    with tempfile.TemporaryDirectory(prefix="reid-promote-") as tmp:
+        folder = Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACTS, tmp))
+        checkpoint = find_checkpoint(folder)
+        out = Path(tmp) / TEST_ARTIFACTS
+        out.mkdir()
+        result = test_champion(checkpoint, parent, out, device=device)
+        cmc_plot(json.loads((out / "test.json").read_text())["CMC"], out / "cmc.png", title="test CMC")
+        client.log_artifacts(run_id, str(out), TEST_ARTIFACTS)
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric(f"test_{key}", value, 0, 0)
+                for key, value in {
+                    "mAP": result.mAP,
+                    "rank1": result.rank(1),
+                    "rank5": result.rank(5),
+                    "rank10": result.rank(10),
+                    "mINP": result.mINP,
+                }.items()
+            ],
+        )
+        version = register_model(client, run_id, checkpoint, name)
+    client.set_tag(parent.info.run_id, "reid_tune.champion", f"{name}/{version}")
+    return Promotion(
+        name=name, version=version, run_id=run_id, trial_id=best.data.tags.get(TRIAL_TAG, ""), test=result
+    )

@@ -1,0 +1,191 @@
+"""Tune callbacks on the search driver: MLflow logging of every trial, and the live trial table.
+
+Both run in the one driver process, which sees every trial's results and its kept checkpoints;
+the trials themselves know nothing of MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.experiment import Trial
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from reid_tune.search.space import SearchSpec
+from reid_tune.search.trainable import (
+    METRIC,
+    TIME_ATTR,
+    TRAIN_LOG_KEY,
+    VALIDATION_FILE,
+    VALIDATION_KEYS,
+    SearchPaths,
+    trial_config,
+)
+from reid_tune.tracking import DATASET_TAG, SearchTracker
+
+PAPER_TAG = "reid_tune.paper_settings"  # "true" on the trial that ran the paper's settings
+SHORT_NAMES = {
+    "batch_p": "P",
+    "batch_k": "K",
+    "margin": "margin",
+    "lr": "lr",
+    "decay_start": "decay@",
+    "decay_factor": "decay*",
+    "embedding_dim": "dim",
+    "head": "head",
+    "network": "network",
+}
+
+
+def matches_point(config: dict[str, Any], point: dict[str, Any] | None) -> bool:
+    """Whether a trial's sampled ``config`` is the starting ``point`` (floats up to rounding)."""
+    if not point:
+        return False
+    return all(
+        k in config
+        and (
+            config[k] == v
+            or (
+                isinstance(v, float)
+                and isinstance(config[k], (int, float))
+                and math.isclose(config[k], v, rel_tol=1e-9)
+            )
+        )
+        for k, v in point.items()
+    )
+
+
+def best_checkpoint(paths: SearchPaths, trial_id: str) -> tuple[Path, dict[str, Any]] | None:
+    """The kept checkpoint folder of a trial with the highest validation mAP, and its validation.json."""
+    scored = [
+        (json.loads((folder / VALIDATION_FILE).read_text()), folder)
+        for folder in paths.trial_checkpoints(trial_id)
+    ]
+    if not scored:
+        return None
+    summary, folder = max(scored, key=lambda item: (item[0]["mAP"], item[0][TIME_ATTR]))
+    return folder, summary
+
+
+class MlflowLogger(tune.Callback):
+    """Logs each trial into its nested MLflow run: parameters, per-iteration statistics, validation
+    mAP/CMC per validation and, when it ends, its best checkpoint with embeddings and CMC plot.
+
+    Tune pickles its callbacks (and restores them on resume), so the MLflow client is made in ``setup``.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        parent_run_id: str,
+        spec: SearchSpec,
+        paths: SearchPaths,
+    ) -> None:
+        self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
+        self.spec, self.paths = spec, paths
+        self.tracker: SearchTracker | None = None
+
+    def setup(self, **info: Any) -> None:
+        self.tracker = SearchTracker.open(self.tracking_uri, self.experiment, self.parent_run_id)
+
+    def _open(self, trial: Trial) -> None:
+        cfg = trial_config(self.spec, self.paths, trial.config)
+        params = {**cfg.to_dict(), "decay_start": trial.config.get("decay_start"), "trial_id": trial.trial_id}
+        tags = {
+            DATASET_TAG: self.spec.data.train,
+            PAPER_TAG: str(matches_point(trial.config, self.spec.paper_point())).lower(),
+        }
+        self.tracker.trial_run(trial.trial_id, params=params, tags=tags)
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._open(trial)
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ) -> None:
+        if METRIC not in result:
+            return
+        self._open(trial)
+        validation = {key: result[key] for key in VALIDATION_KEYS}
+        records = json.loads(result.get(TRAIN_LOG_KEY, "[]"))
+        self.tracker.log_result(trial.trial_id, int(result[TIME_ATTR]), records, validation)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._finish(trial, failed=False)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._finish(trial, failed=True)
+
+    def _finish(self, trial: Trial, *, failed: bool) -> None:
+        self._open(trial)
+        best = best_checkpoint(self.paths, trial.trial_id)
+        self.tracker.finish_trial(trial.trial_id, best[0] if best else None, failed=failed)
+
+
+class TrialTable(tune.Callback):
+    """A live table of the trials: status, sampled settings, iteration and validation numbers."""
+
+    def __init__(self, spec: SearchSpec, *, refresh_s: float = 1.0) -> None:
+        self.columns = [name for name, param in spec.params.items() if param.searched]
+        self.refresh_s, self._shown = refresh_s, 0.0
+        self.live: Live | None = None
+
+    def setup(self, **info: Any) -> None:
+        self.live = Live(console=wide_console(), auto_refresh=False, transient=False)
+        self.live.start()
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if self.live is not None and time.monotonic() - self._shown >= self.refresh_s:
+            self._shown = time.monotonic()
+            self.live.update(self.table(trials), refresh=True)
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        """Called when the search ends or is interrupted: draw the final state, stop redrawing."""
+        if self.live is not None:
+            self.live.update(self.table(trials), refresh=True)
+            self.live.stop()
+            self.live = None
+
+    def table(self, trials: list[Trial]) -> Table:
+        """The current state of every trial."""
+        table = Table(title="trials", title_justify="left", pad_edge=False)
+        for name in ["trial", "status", *(SHORT_NAMES[c] for c in self.columns), "iter", "mAP", "R1", "best"]:
+            table.add_column(name, justify="left" if name in ("trial", "status") else "right")
+        for trial in trials:
+            last = trial.last_result or {}
+            table.add_row(
+                trial.trial_id,
+                trial.status.lower(),
+                *(short(trial.config.get(name)) for name in self.columns),
+                short(last.get(TIME_ATTR)),
+                percent(last.get(METRIC)),
+                percent(last.get("val_rank1")),
+                percent(trial.metric_analysis.get(METRIC, {}).get("max")),
+            )
+        return table
+
+
+def wide_console() -> Console:
+    """A console for tables: the terminal's width, or 120 columns when writing to a file or pipe."""
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
+def short(value: Any) -> str:
+    """A setting in a few characters."""
+    if isinstance(value, float):
+        return f"{value:.3g}" if 1e-2 <= abs(value) < 1e3 else f"{value:.2e}"
+    return "" if value is None else str(value)
+
+
+def percent(value: float | None) -> str:
+    """A rate as a percentage, or nothing."""
+    return "" if value is None else f"{value:.1%}"

@@ -1,0 +1,165 @@
+"""One trial: a Tune function that fits a Ray Train ``TorchTrainer`` of the core training loop.
+
+The Tune function turns the sampled config dict into a :class:`TrainConfig` and fits a TorchTrainer
+named after the trial, so a retried or resumed trial restores the newest checkpoint of its Train run.
+Each Train worker runs :func:`reid_tune.train.train`; at every checkpoint (``validate_every``) rank 0
+validates on the held-out identities and reports the training statistics since the last report,
+validation mAP/CMC and a checkpoint folder (weights, options, validation embeddings and CMC).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray import tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from reid_tune.config import TrainConfig, config_from_dict
+from reid_tune.models import ReidModel
+from reid_tune.search.space import SearchSpec
+from reid_tune.train import CONFIG_FILE, TrainCallback, checkpoint_path, resolve_device, train
+from reid_tune.validation import ValidationSplit, load_split, validate
+
+METRIC = "val_mAP"  # the search objective, maximised
+TIME_ATTR = "step"  # training iterations, the scheduler's clock
+VALIDATION_FILE = "validation.json"  # in each checkpoint folder: step, mAP, CMC, ...
+TRAIN_LOG_KEY = "train_log"  # per-iteration statistics since the previous report, as JSON text
+_VALIDATION_KEYS = {
+    "mAP": METRIC,
+    "rank-1": "val_rank1",
+    "rank-5": "val_rank5",
+    "rank-10": "val_rank10",
+    "mINP": "val_mINP",
+}  # validation.json key -> reported metric
+VALIDATION_KEYS = tuple(_VALIDATION_KEYS.values())
+
+
+@dataclass(frozen=True)
+class SearchPaths:
+    """Where a search keeps its files (under ``<storage>/<experiment>``)."""
+
+    root: Path
+
+    @property
+    def split(self) -> Path:
+        """The validation split's CSVs (train, val_query, val_gallery)."""
+        return self.root / "validation_split"
+
+    @property
+    def train_runs(self) -> Path:
+        """Ray Train storage: one run per trial, named by the trial id."""
+        return self.root / "train"
+
+    @property
+    def state(self) -> Path:
+        """reid-tune's own record of the search (its MLflow parent run), read by ``--resume``."""
+        return self.root / "reid_tune_search.json"
+
+    def trial_checkpoints(self, trial_id: str) -> list[Path]:
+        """The kept checkpoint folders of a trial that finished validating."""
+        return sorted(p.parent for p in (self.train_runs / trial_id).glob(f"*/{VALIDATION_FILE}"))
+
+
+def trial_config(spec: SearchSpec, paths: SearchPaths, sampled: dict[str, Any]) -> TrainConfig:
+    """The full TrainConfig of a trial with these sampled values."""
+    return spec.train_config(sampled, paths.split / "train.csv")
+
+
+# ---------------------------------------------------------------- Train workers
+
+
+class _Reporter(TrainCallback):
+    """Collects the logged statistics; at each checkpoint validates (rank 0) and reports to Ray Train."""
+
+    def __init__(self, cfg: TrainConfig, split: ValidationSplit) -> None:
+        self.cfg, self.split = cfg, split
+        self.records: list[dict[str, float]] = []
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        self.records.append({TIME_ATTR: step, **metrics})
+
+    def on_checkpoint(self, step: int, path: Path, model: ReidModel) -> None:
+        metrics: dict[str, Any] = {
+            **(self.records[-1] if self.records else {}),
+            TIME_ATTR: step,
+            TRAIN_LOG_KEY: json.dumps(self.records),
+        }
+        self.records = []
+        if ray.train.get_context().get_world_rank() != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="reid-checkpoint-") as folder:
+            result = validate(
+                model, self.cfg, self.split, device=resolve_device(self.cfg.device), out_dir=Path(folder)
+            )
+            shutil.copy2(path, Path(folder) / path.name)
+            self.cfg.save(Path(folder) / CONFIG_FILE)
+            summary = {TIME_ATTR: step, **result.to_json()}
+            (Path(folder) / VALIDATION_FILE).write_text(json.dumps(summary) + "\n")
+            metrics.update(validation_metrics(summary))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def validation_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The reported validation numbers of a ``validation.json``: mAP, rank-1/5/10, mINP."""
+    return {ours: summary[theirs] for theirs, ours in _VALIDATION_KEYS.items()}
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker loop: train (or resume from the restored checkpoint) with validation reports."""
+    cfg = config_from_dict(config["train_config"], source="trial")
+    split = load_split(Path(config["split"]), config["convention"])
+    run_dir = Path(tempfile.mkdtemp(prefix="reid-trial-"))
+    try:
+        restored = ray.train.get_checkpoint()
+        if restored is not None:
+            with restored.as_directory() as folder:
+                stored = json.loads((Path(folder) / VALIDATION_FILE).read_text())
+                shutil.copy2(Path(folder) / CONFIG_FILE, run_dir / CONFIG_FILE)
+                shutil.copy2(
+                    checkpoint_path(folder, stored[TIME_ATTR]), checkpoint_path(run_dir, stored[TIME_ATTR])
+                )
+        train(None if restored else cfg, run_dir, resume=restored is not None, callback=_Reporter(cfg, split))
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the Tune function
+
+
+def run_trial(config: dict[str, Any], *, spec: SearchSpec, root: str) -> None:
+    """Tune trainable: fit one TorchTrainer with the sampled ``config`` (a plain dict of space values)."""
+    paths = SearchPaths(Path(root))
+    cfg = trial_config(spec, paths, config)
+    resources = spec.resources
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "train_config": cfg.to_dict(),
+            "split": str(paths.split),
+            "convention": spec.data.convention,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.workers,
+            use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=tune.get_context().get_trial_id(),
+            storage_path=str(paths.train_runs),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=spec.search.keep_checkpoints,
+                checkpoint_score_attribute=METRIC,
+                checkpoint_score_order="max",
+            ),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()

@@ -1,0 +1,398 @@
+"""The search platform end to end, on a real local Ray instance and real MLflow (SQLite and HTTP).
+
+One Ray session serves the whole module; trials are tiny (lunet_small, 64x32, 20 iterations).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import pytest
+import yaml
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from reid_tune.cli import main
+from reid_tune.errors import ReidTuneError
+from reid_tune.promote import promote
+from reid_tune.search import run_search
+from reid_tune.search.tuner import start_local_ray
+from reid_tune.synthetic import generate_demo
+from reid_tune.tracking import ROLE_TAG, TRIAL_TAG, check_tracking, download_checkpoint
+from reid_tune.train import load_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("search") / "data"
+    generate_demo(out, num_train_ids=22, num_test_ids=4, size=(64, 32), junk=0, distractors=2)
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session() -> Iterator[None]:
+    """One local Ray instance for every search of the module (the searches reuse it)."""
+    import ray
+
+    start_local_ray(num_cpus=3)
+    yield
+    ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # it names this instance's dashboard
+
+
+def write_space(folder: Path, data: Path, name: str, *, tracking_uri: str | None, **sections: dict) -> Path:
+    """A search-space file over the generated data; ``sections`` update its sections."""
+    document = {
+        "experiment": name,
+        "data": {
+            "train": str(data / "market1501_train.csv"),
+            "image_root": str(data),
+            "convention": "market1501",
+            "test_query": str(data / "market1501_query.csv"),
+            "test_gallery": str(data / "market1501_test.csv"),
+        },
+        "validation": {"identities": 3, "seed": 0},
+        "train": {
+            "network": "lunet_small",
+            "embedding_dim": 32,
+            "input_height": 64,
+            "input_width": 32,
+            "pre_crop_height": 64,
+            "pre_crop_width": 32,
+            "crop_augment": False,
+            "train_iterations": 20,
+            "validate_every": 10,
+            "log_every": 5,
+            "precision": "fp32",
+            "num_workers": 0,
+        },
+        "space": {
+            "batch_p": {"int": [4, 18]},
+            "batch_k": {"int": [2, 4]},
+            "margin": {"choice": ["soft", 0.2]},
+            "lr": {"loguniform": [1e-4, 1e-3]},
+            "decay_start": {"uniform": [0.4, 0.8]},
+            "decay_factor": {"loguniform": [1e-4, 1e-2]},
+        },
+        "search": {
+            "start_points": ["paper"],
+            "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 2},
+            "num_samples": 4,
+            "max_concurrent_trials": 2,
+            "max_failures": 1,
+        },
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+        "storage": str(folder / "ray_results"),
+        "mlflow": {"tracking_uri": tracking_uri, "registered_model": f"{name}-model"},
+    }
+    for section, values in sections.items():
+        document[section] = {**document[section], **values} if isinstance(values, dict) else values
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def trial_runs(client: MlflowClient, experiment: str) -> list[Run]:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
+
+
+def parent_run(client: MlflowClient, experiment: str) -> Run:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'search'")[0]
+
+
+# ------------------------------------------------------------ a 4-trial search tracked by an MLflow server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 (one worker, SQLite, proxied artifacts)."""
+    tmp_path = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail("mlflow server did not start")
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def searched(data: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> tuple[Path, str]:
+    """A finished 4-trial TPE + ASHA search tracked over HTTP: (its folder, tracking URI)."""
+    folder = tmp_path_factory.mktemp("search")
+    summary = run_search(
+        write_space(folder, data, "four", tracking_uri="sqlite:///unused.db"), tracking_uri=mlflow_server
+    )
+    assert not summary.interrupted
+    assert len(summary.trials) == 4 and all(t.status == "TERMINATED" for t in summary.trials)
+    assert summary.best is not None and summary.paper is not None
+    assert summary.best.val_mAP >= summary.paper.val_mAP
+    assert summary.paper.config == {
+        "batch_p": 18,
+        "batch_k": 4,
+        "margin": "soft",
+        "lr": 3e-4,
+        "decay_start": 0.6,
+        "decay_factor": 1e-3,
+    }
+    return folder, mlflow_server
+
+
+def test_search_logs_parent_and_nested_runs(searched: tuple[Path, str]) -> None:
+    _, uri = searched
+    client = MlflowClient(uri)
+    parent = parent_run(client, "four")
+    assert parent.info.status == "FINISHED"
+    assert {"best_val_mAP", "paper_val_mAP"} <= set(parent.data.metrics)
+    assert parent.data.params["space.lr"] == "loguniform [0.0001, 0.001]"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"four.yaml", "validation_split"}
+    assert client.get_experiment_by_name("four").artifact_location.startswith("mlflow-artifacts:")
+    runs = trial_runs(client, "four")
+    assert len(runs) == 4 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 4
+    assert sum(r.data.tags["reid_tune.paper_settings"] == "true" for r in runs) == 1
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED"
+        assert {"batch_p", "learning_rate", "decay_start_iteration", "network"} <= set(run.data.params)
+        assert {"reid_tune.dataset", "reid_tune.code_version"} <= set(run.data.tags)
+        val = client.get_metric_history(run.info.run_id, "val_mAP")
+        assert [m.step for m in val][:1] == [
+            10
+        ]  # every trial validates at iteration 10, ASHA may stop it there
+        assert len(client.get_metric_history(run.info.run_id, "train/loss_mean")) == 2 * len(val)
+        assert {"val_rank1", "val_rank5", "val_rank10", "best_val_mAP"} <= set(run.data.metrics)
+        artifacts = {
+            a.path
+            for folder in ("checkpoint", "validation")
+            for a in client.list_artifacts(run.info.run_id, folder)
+        }
+        assert {
+            "validation/val_query.h5",
+            "validation/val_gallery.h5",
+            "validation/cmc.png",
+            "validation/validation.json",
+            "checkpoint/config.json",
+        } <= artifacts
+        assert any(path.startswith("checkpoint/checkpoint-") for path in artifacts)
+    with h5py.File(client.download_artifacts(runs[0].info.run_id, "validation/val_query.h5"), "r") as f:
+        assert f["emb"].shape[1] == 32 and f["augmentation_types"][0].startswith(b"original")
+
+
+def test_fresh_start_refuses_an_existing_search(searched: tuple[Path, str]) -> None:
+    folder, _ = searched
+    with pytest.raises(ReidTuneError, match="already holds a search; pass --resume"):
+        run_search(folder / "four.yaml")
+
+
+def test_promote_then_embed_from_the_registry(
+    searched: tuple[Path, str], data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, uri = searched
+    first = promote("four", tracking_uri=uri, device="cpu")
+    second = promote(parent_run(MlflowClient(uri), "four").info.run_id, tracking_uri=uri, device="cpu")
+    assert (first.name, first.version, second.version) == ("four-model", "1", "2")
+    client = MlflowClient(uri, registry_uri=uri)
+    assert str(client.get_model_version_by_alias("four-model", "champion").version) == "2"
+    assert len(client.search_model_versions("name='four-model'")) == 2
+    best = client.get_run(second.run_id)
+    assert best.data.metrics["best_val_mAP"] == max(
+        r.data.metrics["best_val_mAP"] for r in trial_runs(client, "four")
+    )
+    assert {"test_mAP", "test_rank1"} <= set(best.data.metrics)
+    assert "test/test_query.h5" in {a.path for a in client.list_artifacts(second.run_id, "test")}
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # no run folder, no search folder: the registry only
+    _, cfg = load_model(download_checkpoint("models:/four-model@champion"))
+    assert cfg.embedding_dim == 32 and cfg.network == "lunet_small"
+    for role, csv in (("query", "market1501_query.csv"), ("gallery", "market1501_test.csv")):
+        main(
+            [
+                "embed",
+                "--model",
+                "models:/four-model@champion",
+                "--dataset",
+                str(data / csv),
+                "--image-root",
+                str(data),
+                "--out",
+                f"{role}.h5",
+                "--device",
+                "cpu",
+            ]
+        )
+    main(
+        [
+            "evaluate",
+            "--query-dataset",
+            str(data / "market1501_query.csv"),
+            "--query-embeddings",
+            "query.h5",
+            "--gallery-dataset",
+            str(data / "market1501_test.csv"),
+            "--gallery-embeddings",
+            "gallery.h5",
+            "--excluder",
+            "market1501",
+            "--out",
+            "test.json",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert json.loads(Path("test.json").read_text())["mAP"] == pytest.approx(second.test.mAP)
+
+
+# ---------------------------------------------------------------- resume after Ctrl-C
+
+
+def _interrupt_after_first_trial(
+    uri: str, started: Path, experiment: str, timeout: float = 240
+) -> threading.Thread:
+    """SIGINT this process (as Ctrl-C would) once one trial run has finished (``started``: the search's
+    state file, written once its MLflow store is ready)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if started.exists() and any(
+                r.info.status == "FINISHED" for r in trial_runs(MlflowClient(uri), experiment)
+            ):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_resume_after_interrupt_finishes_without_duplicates(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no tracking URI: MLflow's default store, mlflow.db here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write_space(
+        tmp_path,
+        data,
+        "resumed",
+        tracking_uri=None,
+        search={"num_samples": 2, "max_concurrent_trials": 1, "scheduler": {"type": "none"}},
+    )
+    _interrupt_after_first_trial(
+        uri, tmp_path / "ray_results" / "resumed" / "reid_tune_search.json", "resumed"
+    )
+    first = run_search(space)
+    assert first.interrupted
+    client = MlflowClient(uri)
+    assert parent_run(client, "resumed").info.status == "KILLED"
+    done_before = {
+        r.data.tags[TRIAL_TAG]: r.info.end_time
+        for r in trial_runs(client, "resumed")
+        if r.info.status == "FINISHED"
+    }
+    assert done_before
+
+    second = run_search(space, resume=True)
+    assert not second.interrupted and len(second.trials) == 2
+    runs = trial_runs(client, "resumed")
+    assert len(runs) == 2 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 2
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mAP")]
+        assert steps == [10, 20]  # each validation logged once, none repeated
+        if run.data.tags[TRIAL_TAG] in done_before:  # not rerun
+            assert run.info.end_time == done_before[run.data.tags[TRIAL_TAG]]
+    assert parent_run(client, "resumed").info.status == "FINISHED"
+
+
+def test_resume_without_a_search_is_an_error(data: Path, tmp_path: Path) -> None:
+    space = write_space(tmp_path, data, "nothing", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    with pytest.raises(ReidTuneError, match="nothing to resume"):
+        run_search(space, resume=True)
+
+
+# ---------------------------------------------------------------- crashing trials
+
+
+def test_crashing_trials_are_retried_then_failed(data: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write_space(
+        tmp_path,
+        data,
+        "crash",
+        tracking_uri=uri,
+        train={"pretrained": str(tmp_path / "none.pth")},
+        search={"num_samples": 2, "max_failures": 1, "scheduler": {"type": "none"}},
+    )
+    summary = run_search(space)
+    assert [t.status for t in summary.trials] == ["ERROR", "ERROR"] and summary.best is None
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(tmp_path / "ray_results" / "crash"))
+    assert [t.num_failures for t in analysis.trials] == [2, 2]  # the first try and one retry each
+    runs = trial_runs(MlflowClient(uri), "crash")
+    assert len(runs) == 2 and all(r.info.status == "FAILED" for r in runs)
+
+
+def test_tracking_server_down_is_reported_before_trials(data: Path, tmp_path: Path) -> None:
+    down = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(ReidTuneError, match="does not answer"):
+        check_tracking(down, timeout=2)
+    space = write_space(tmp_path, data, "down", tracking_uri=down)
+    with pytest.raises(ReidTuneError, match=f"tracking URI {down}: the MLflow server does not answer"):
+        run_search(space)
+    assert not (tmp_path / "ray_results" / "down").exists()

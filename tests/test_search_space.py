@@ -1,0 +1,225 @@
+"""The search-space file: the shipped files parse, and each kind of mistake is one located error."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reid_tune.cli import main
+from reid_tune.datasets import camera_ids, load_csv
+from reid_tune.errors import ReidTuneError
+from reid_tune.search.space import (
+    PAPER_POINT,
+    check_points,
+    check_space,
+    check_train,
+    load_spec,
+    parse_param,
+    parse_spec,
+    read_yaml,
+)
+from reid_tune.synthetic import generate_demo
+from reid_tune.validation import hold_out, load_split, write_split
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated Market-1501-style set: 12 training identities, 3 cameras x 3 images each."""
+    out = tmp_path_factory.mktemp("space") / "data"
+    generate_demo(out, num_train_ids=12, num_test_ids=4, junk=0, distractors=0)
+    return out
+
+
+def _document(data: Path) -> dict:
+    return {
+        "experiment": "t",
+        "data": {
+            "train": str(data / "market1501_train.csv"),
+            "image_root": str(data),
+            "convention": "market1501",
+            "test_query": str(data / "market1501_query.csv"),
+            "test_gallery": str(data / "market1501_test.csv"),
+        },
+        "validation": {"identities": 3, "seed": 0},
+        "train": {
+            "network": "lunet_small",
+            "input_height": 64,
+            "input_width": 32,
+            "pre_crop_height": 72,
+            "pre_crop_width": 36,
+            "train_iterations": 20,
+            "validate_every": 10,
+        },
+        "space": {
+            "batch_p": {"int": [2, 6]},
+            "batch_k": {"int": [2, 4]},
+            "margin": {"choice": ["soft", 0.2]},
+            "lr": {"loguniform": [1e-4, 1e-3]},
+            "decay_start": {"uniform": [0.4, 0.8]},
+            "decay_factor": 0.001,
+        },
+        "search": {"start_points": [{"batch_p": 4, "batch_k": 2}]},
+    }
+
+
+def _write(tmp_path: Path, document: dict) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def _line_of(path: Path, text: str) -> int:
+    """1-based line of the first line of ``path`` containing ``text``."""
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+@pytest.mark.parametrize("name", ["market.yaml", "duke.yaml", "demo.yaml"])
+def test_shipped_files_parse(name: str) -> None:
+    path = SPACES / name
+    document, lines = read_yaml(path)
+    spec = parse_spec(path, document, lines)
+    check_train(spec, path, lines)
+    check_space(spec, path, lines)
+    check_points(spec, path, lines)
+    assert spec.start_points()[0] == PAPER_POINT  # the paper's settings are tried first
+
+
+def test_market_centres_on_the_paper() -> None:
+    path = SPACES / "market.yaml"
+    spec = parse_spec(path, *read_yaml(path))
+    for name, paper in PAPER_POINT.items():
+        param = spec.params[name]
+        low, high = param.bounds
+        centre = (low * high) ** 0.5 if param.kind == "loguniform" else (low + high) / 2
+        assert param.contains(paper)
+        if param.kind != "choice":
+            assert centre == pytest.approx(paper, rel=0.06), name
+
+
+def test_valid_file_loads_with_absolute_paths(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    document = _document(data)
+    monkeypatch.chdir(data.parent)
+    document["data"]["train"] = "data/market1501_train.csv"
+    spec = load_spec(_write(tmp_path, document))
+    assert Path(spec.data.train).is_absolute() and Path(spec.storage).is_absolute()
+    cfg = spec.train_config(
+        {"batch_p": 4, "batch_k": 3, "margin": 0.2, "lr": 3e-4, "decay_start": 0.5}, Path("/x/train.csv")
+    )
+    assert (cfg.batch_p, cfg.batch_k, cfg.margin, cfg.learning_rate) == (4, 3, 0.2, 3e-4)
+    assert (cfg.decay_start_iteration, cfg.decay_factor, cfg.checkpoint_frequency) == (10, 0.001, 10)
+
+
+@pytest.mark.parametrize(
+    ("edit", "anchor", "message"),
+    [
+        (lambda d: d["train"].update(learning_rat=1), "learning_rat", "unknown option 'learning_rat'"),
+        (lambda d: d.update(colour="red"), "colour", "unknown key"),
+        (lambda d: d["search"].update(num_samples="many"), "num_samples", "valid integer"),
+        (lambda d: d["train"].update(input_height="tall"), "input_height", "input_height='tall'"),
+        (lambda d: d["space"].update(lr={"loguniform": [1e-3, 1e-4]}), "lr:", "empty range"),
+        (lambda d: d["space"].update(batch_k={"uniform": [2, 4]}), "batch_k:", "integers"),
+        (lambda d: d["space"].update(margin={"choice": ["hard"]}), "margin:", "'soft', 'none' or a number"),
+        (lambda d: d["space"].update(warmup={"int": [1, 2]}), "warmup", "unknown parameter"),
+        (lambda d: d["space"].pop("lr"), "space:", "missing lr"),
+        (lambda d: d["space"].update(decay_start={"normal": [0, 1]}), "decay_start:", "expected one of"),
+        (
+            lambda d: d["space"].update(head={"choice": ["fc1024", "fc2048"]}),
+            "head:",
+            "'fc2048': expected one of",
+        ),
+        (lambda d: d["train"].update(network="resnet5O"), "network", "'resnet5O': expected one of"),
+        (lambda d: d["train"].update(batch_p=4), "batch_p: 4", "not under train"),
+        (
+            lambda d: d["validation"].update(fraction=0.2),
+            "validation:",
+            "exactly one of identities and fraction",
+        ),
+        (lambda d: d["data"].update(test_query="/nowhere/query.csv"), "test_query", "file not found"),
+        (lambda d: d["data"].update(image_root="/nowhere"), "image_root", "folder not found"),
+        (
+            lambda d: d.update(resources={"max_batch_size": 16}),
+            "batch_p:",
+            "6 * 4 = 24: expected <= resources.max_batch_size=16",
+        ),
+        (lambda d: d["space"].update(batch_p={"int": [2, 10]}), "batch_p:", "only 9 identities"),
+        (lambda d: d["validation"].update(identities=11), "identities", "cannot hold out 11"),
+        (lambda d: d["search"].update(start_points=["paper"]), "- paper", "the paper's batch_p=18: outside"),
+        (lambda d: d["search"].update(start_points=[{"lr": 1.0}]), "lr: 1.0", "outside space.lr"),
+        (
+            lambda d: d["search"].update(scheduler={"type": "asha", "grace_period": 50}),
+            "grace_period",
+            "<= train",
+        ),
+    ],
+)
+def test_each_mistake_is_one_located_error(
+    data: Path, tmp_path: Path, edit, anchor: str, message: str
+) -> None:
+    document = _document(data)
+    edit(document)
+    path = _write(tmp_path, document)
+    with pytest.raises(ReidTuneError) as caught:
+        load_spec(path)
+    text = str(caught.value)
+    assert "\n" not in text
+    assert message in text
+    assert text.startswith(f"{path}:{_line_of(path, anchor)}:"), text
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ReidTuneError, match="search-space file not found"):
+        load_spec(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: [unclosed\n")
+    with pytest.raises(ReidTuneError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_spec(bad)
+
+
+def test_cli_prints_one_error_line_and_exits_2(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    document = _document(data)
+    document["space"]["lr"] = {"loguniform": [0, 1e-3]}
+    path = _write(tmp_path, document)
+    with pytest.raises(SystemExit) as caught:
+        main([str(path)])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(rf"error: {re.escape(str(path))}:\d+: space.lr: .*low > 0", err[0])
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "values"),
+    [
+        (0.2, "constant", (0.2,)),
+        ({"uniform": [0.1, 0.9]}, "uniform", (0.1, 0.9)),
+        ({"choice": ["soft", 0.5]}, "choice", ("soft", 0.5)),
+    ],
+)
+def test_parse_param(raw: object, kind: str, values: tuple) -> None:
+    param = parse_param("margin", raw)
+    assert (param.kind, param.values) == (kind, values)
+    assert param.searched == (kind != "constant")
+
+
+def test_hold_out_is_seeded_and_queries_across_cameras(data: Path, tmp_path: Path) -> None:
+    dataset = load_csv(data / "market1501_train.csv")
+    split = hold_out(dataset, "market1501", identities=3, seed=1)
+    again = hold_out(dataset, "market1501", identities=3, seed=1)
+    assert list(split.query.fids) == list(again.query.fids)
+    held = set(split.query.pids.tolist())
+    assert len(held) == 3 and held == set(split.gallery.pids.tolist())
+    assert held.isdisjoint(split.train.pids.tolist())
+    assert len(split.train) + len(split.query) + len(split.gallery) == len(dataset)
+    for pid in held:  # one query per camera, each with gallery images of the other cameras
+        cams = camera_ids(split.query.fids[split.query.pids == pid], "market1501")
+        assert len(cams) == len(set(cams.tolist())) == 3
+    write_split(split, tmp_path)
+    assert list(load_split(tmp_path, "market1501").query.fids) == list(split.query.fids)
