@@ -79,10 +79,10 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return normalize(chw.float() / 255.0)
 
 
-def _resized(image: Image.Image, size: Size) -> np.ndarray:
+def resized(image: Image.Image, size: Size) -> np.ndarray:
     """``image`` as RGB, bilinearly resized to ``size`` (H, W), as an (H, W, 3) uint8 array."""
-    resized = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    return np.array(resized)  # a writable copy: torch.from_numpy warns on read-only arrays
+    scaled = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.array(scaled)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def train_augment(
     ``rng``, drawn in a fixed order (flip, then crop row, then crop column).
     """
     input_hw, pre_crop_hw = _check_sizes(input_size, pre_crop_size, crop=crop)
-    array = _resized(image, pre_crop_hw if crop else input_hw)
+    array = resized(image, pre_crop_hw if crop else input_hw)
     if flip and rng.random() < 0.5:
         array = array[:, ::-1]
     if crop:
@@ -213,7 +213,7 @@ def eval_views(
     """
     crops = _CROP_VIEWS[_check_crop_augment(crop_augment)]
     input_hw, pre_crop_hw = _check_sizes(input_size, pre_crop_size, crop=crop_augment is not None)
-    array = _resized(image, input_hw if crop_augment is None else pre_crop_hw)
+    array = resized(image, input_hw if crop_augment is None else pre_crop_hw)
     bases = [array[:, ::-1] if flip_suffix else array for flip_suffix in _flip_views(flip_augment)]
     return torch.stack([to_tensor(_crop_view(base, view, input_hw)) for base in bases for view in crops])
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reid_tune.augmentation import _resized, batch_train_augment
+from reid_tune.augmentation import batch_train_augment, resized
 from reid_tune.config import TrainConfig
 from reid_tune.datasets import ReidDataset, load_image
 from reid_tune.errors import ReidTuneError
@@ -130,7 +130,7 @@ def _build(path: Path, fids: Sequence[str] | np.ndarray, root: Path, size: tuple
 
 def _decode_into(cache: np.ndarray, index: int, path: Path, size: tuple[int, int]) -> None:
     """Row ``index`` of the cache: the image resized exactly as the CPU path resizes it, channels first."""
-    cache[index] = _resized(load_image(path), size).transpose(2, 0, 1)
+    cache[index] = resized(load_image(path), size).transpose(2, 0, 1)
 
 
 def place_cache(cache: np.ndarray, device: torch.device, *, headroom_gib: float) -> torch.Tensor:

@@ -93,7 +93,7 @@ def test_load_csv_checks_images_under_the_root(tmp_path: Path) -> None:
     csv = tmp_path / "list.csv"
     csv.write_text("1,a.jpg\n1,missing.jpg\n")
     assert len(load_csv(csv, image_root=tmp_path / "images")) == 2  # no check asked for
-    with pytest.raises(ReidTuneError, match=rf"list.csv:2: image .*missing.jpg: not found"):
+    with pytest.raises(ReidTuneError, match=r"list.csv:2: image .*missing.jpg: not found"):
         load_csv(csv, image_root=tmp_path / "images", check_images=True)
     csv.write_text("1,a.jpg\n1,broken.jpg\n")
     with pytest.raises(ReidTuneError, match=r"list.csv:2: image .*broken.jpg: not readable as an image"):

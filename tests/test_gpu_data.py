@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from reid_tune import gpu_data
-from reid_tune.augmentation import _resized, train_augment
+from reid_tune.augmentation import resized, train_augment
 from reid_tune.config import TrainConfig, config_from_dict
 from reid_tune.datasets import load_csv, load_image
 from reid_tune.errors import ReidTuneError
@@ -51,7 +51,7 @@ def test_cache_holds_each_image_resized_as_the_cpu_path(demo_data: Path, tmp_pat
     cache = decode_cache(fids, demo_data, SIZE, cache_dir=tmp_path)
     assert cache.shape == (len(fids), 3, *SIZE) and cache.dtype == np.uint8
     for i in (0, len(fids) - 1):
-        want = _resized(load_image(demo_data / fids[i]), SIZE).transpose(2, 0, 1)
+        want = resized(load_image(demo_data / fids[i]), SIZE).transpose(2, 0, 1)
         np.testing.assert_array_equal(cache[i], want)
 
 
