@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import InterruptAt, weights
 
 from reid_tune import gpu_data
 from reid_tune.augmentation import resized, train_augment
@@ -20,7 +21,6 @@ from reid_tune.gpu_data import DeviceBatches, decode_cache, resolve_data_path
 from reid_tune.losses import TripletLoss
 from reid_tune.models import create_model
 from reid_tune.train import build_step, rolled_back, train
-from test_train import _InterruptAt, _weights
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SIZE = (72, 36)
@@ -214,10 +214,10 @@ def test_a_cuda_graph_needs_a_gpu(tiny_config: TrainConfig, tmp_path: Path) -> N
 @pytest.mark.slow
 def test_device_path_run_resumes_exactly(device_config: TrainConfig, tmp_path: Path) -> None:
     whole = train(device_config, tmp_path / "whole")
-    cut = train(device_config, tmp_path / "cut", callback=_InterruptAt(4))
+    cut = train(device_config, tmp_path / "cut", callback=InterruptAt(4))
     assert cut.interrupted and cut.step == 4
     resumed = train(None, tmp_path / "cut", resume=True)
-    a, b = _weights(whole.checkpoint), _weights(resumed.checkpoint)
+    a, b = weights(whole.checkpoint), weights(resumed.checkpoint)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     assert len(list(Path(device_config.cache_dir).glob("*.npy"))) == 1
@@ -311,9 +311,9 @@ def test_graphed_run_resumes_exactly(device_config: TrainConfig, tmp_path: Path,
                                      same_kernels: None) -> None:
     cfg = device_config.replace(device="cuda", precision="fp32", data_path=data_path)
     whole = train(cfg, tmp_path / "whole")
-    train(cfg, tmp_path / "cut", callback=_InterruptAt(4))
+    train(cfg, tmp_path / "cut", callback=InterruptAt(4))
     resumed = train(None, tmp_path / "cut", resume=True)
-    a, b = _weights(whole.checkpoint), _weights(resumed.checkpoint)
+    a, b = weights(whole.checkpoint), weights(resumed.checkpoint)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 

@@ -8,18 +8,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import pytest
-import yaml
+from helpers import free_port, mlflow_server, search_document, write_yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -54,55 +50,15 @@ def ray_session() -> Iterator[None]:
 
 
 def write_space(folder: Path, data: Path, name: str, *, tracking_uri: str | None, **sections: dict) -> Path:
-    """A search-space file over the generated data; ``sections`` update its sections."""
-    document = {
-        "experiment": name,
-        "data": {
-            "train": str(data / "market1501_train.csv"),
-            "image_root": str(data),
-            "convention": "market1501",
-            "test_query": str(data / "market1501_query.csv"),
-            "test_gallery": str(data / "market1501_test.csv"),
-        },
-        "validation": {"identities": 3, "seed": 0},
-        "train": {
-            "network": "lunet_small",
-            "embedding_dim": 32,
-            "input_height": 64,
-            "input_width": 32,
-            "pre_crop_height": 64,
-            "pre_crop_width": 32,
-            "crop_augment": False,
-            "train_iterations": 20,
-            "validate_every": 10,
-            "log_every": 5,
-            "precision": "fp32",
-            "num_workers": 0,
-        },
-        "space": {
-            "batch_p": {"int": [4, 18]},
-            "batch_k": {"int": [2, 4]},
-            "margin": {"choice": ["soft", 0.2]},
-            "lr": {"loguniform": [1e-4, 1e-3]},
-            "decay_start": {"uniform": [0.4, 0.8]},
-            "decay_factor": {"loguniform": [1e-4, 1e-2]},
-        },
-        "search": {
-            "start_points": ["paper"],
-            "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 2},
-            "num_samples": 4,
-            "max_concurrent_trials": 2,
-            "max_failures": 1,
-        },
-        "resources": {"workers": 1, "cpus_per_worker": 1},
-        "storage": str(folder / "ray_results"),
-        "mlflow": {"tracking_uri": tracking_uri, "registered_model": f"{name}-model"},
-    }
-    for section, values in sections.items():
-        document[section] = {**document[section], **values} if isinstance(values, dict) else values
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return path
+    """A search-space file over the generated data, stored under ``folder``; ``sections`` update it."""
+    document = search_document(
+        data,
+        name,
+        storage=str(folder / "ray_results"),
+        mlflow={"tracking_uri": tracking_uri, "registered_model": f"{name}-model"},
+        **sections,
+    )
+    return write_yaml(folder / f"{name}.yaml", document)
 
 
 def trial_runs(client: MlflowClient, experiment: str) -> list[Run]:
@@ -118,62 +74,19 @@ def parent_run(client: MlflowClient, experiment: str) -> Run:
 # ------------------------------------------------------------ a 4-trial search tracked by an MLflow server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` for the module's searches."""
+    with mlflow_server(tmp_path_factory.mktemp("server")) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1 (one worker, SQLite, proxied artifacts)."""
-    tmp_path = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-        ],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not start")
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def searched(data: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> tuple[Path, str]:
+def searched(data: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str) -> tuple[Path, str]:
     """A finished 4-trial TPE + ASHA search tracked over HTTP: (its folder, tracking URI)."""
     folder = tmp_path_factory.mktemp("search")
     summary = run_search(
-        write_space(folder, data, "four", tracking_uri="sqlite:///unused.db"), tracking_uri=mlflow_server
+        write_space(folder, data, "four", tracking_uri="sqlite:///unused.db"), tracking_uri=mlflow_uri
     )
     assert not summary.interrupted
     assert len(summary.trials) == 4 and all(t.status == "TERMINATED" for t in summary.trials)
@@ -187,7 +100,7 @@ def searched(data: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_server
         "decay_start": 0.6,
         "decay_factor": 1e-3,
     }
-    return folder, mlflow_server
+    return folder, mlflow_uri
 
 
 def test_search_logs_parent_and_nested_runs(searched: tuple[Path, str]) -> None:
@@ -389,7 +302,7 @@ def test_crashing_trials_are_retried_then_failed(data: Path, tmp_path: Path) -> 
 
 
 def test_tracking_server_down_is_reported_before_trials(data: Path, tmp_path: Path) -> None:
-    down = f"http://127.0.0.1:{_free_port()}"
+    down = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ReidTuneError, match="does not answer"):
         check_tracking(down, timeout=2)
     space = write_space(tmp_path, data, "down", tracking_uri=down)

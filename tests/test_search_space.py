@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import search_document, write_yaml
 
 from reid_tune.cli import main
 from reid_tune.datasets import camera_ids, load_csv
@@ -36,41 +36,17 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _document(data: Path) -> dict:
-    return {
-        "experiment": "t",
-        "data": {
-            "train": str(data / "market1501_train.csv"),
-            "image_root": str(data),
-            "convention": "market1501",
-            "test_query": str(data / "market1501_query.csv"),
-            "test_gallery": str(data / "market1501_test.csv"),
-        },
-        "validation": {"identities": 3, "seed": 0},
-        "train": {
-            "network": "lunet_small",
-            "input_height": 64,
-            "input_width": 32,
-            "pre_crop_height": 72,
-            "pre_crop_width": 36,
-            "train_iterations": 20,
-            "validate_every": 10,
-        },
-        "space": {
-            "batch_p": {"int": [2, 6]},
-            "batch_k": {"int": [2, 4]},
-            "margin": {"choice": ["soft", 0.2]},
-            "lr": {"loguniform": [1e-4, 1e-3]},
-            "decay_start": {"uniform": [0.4, 0.8]},
-            "decay_factor": 0.001,
-        },
-        "search": {"start_points": [{"batch_p": 4, "batch_k": 2}]},
-    }
+    return search_document(
+        data,
+        "t",
+        train={"pre_crop_height": 72, "pre_crop_width": 36},
+        space={"batch_p": {"int": [2, 6]}, "decay_factor": 0.001},
+        search={"start_points": [{"batch_p": 4, "batch_k": 2}]},
+    )
 
 
 def _write(tmp_path: Path, document: dict) -> Path:
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return path
+    return write_yaml(tmp_path / "space.yaml", document)
 
 
 def _line_of(path: Path, text: str) -> int:

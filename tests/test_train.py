@@ -3,43 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import InterruptAt, weights
 
 from reid_tune.config import TrainConfig
 from reid_tune.errors import ReidTuneError
-from reid_tune.train import TrainCallback, list_checkpoints, load_model, train
-
-
-class _InterruptAt(TrainCallback):
-    """Sends this process SIGINT during step ``step``, as a user's Ctrl-C would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["model"]
+from reid_tune.train import list_checkpoints, load_model, train
 
 
 def test_interrupted_then_resumed_run_equals_uninterrupted(tiny_config: TrainConfig, tmp_path: Path) -> None:
     whole = train(tiny_config, tmp_path / "whole")
     assert not whole.interrupted and whole.step == 6
 
-    cut = train(tiny_config, tmp_path / "cut", callback=_InterruptAt(2))
+    cut = train(tiny_config, tmp_path / "cut", callback=InterruptAt(2))
     assert cut.interrupted and cut.step == 2 and cut.checkpoint.name == "checkpoint-000002.pt"
     resumed = train(None, tmp_path / "cut", resume=True)
     assert resumed.step == 6 and not resumed.interrupted
 
-    a, b = _weights(whole.checkpoint), _weights(resumed.checkpoint)
+    a, b = weights(whole.checkpoint), weights(resumed.checkpoint)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 

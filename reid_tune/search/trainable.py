@@ -31,6 +31,7 @@ METRIC = "val_mAP"  # the search objective, maximised
 TIME_ATTR = "step"  # training iterations, the scheduler's clock
 VALIDATION_FILE = "validation.json"  # in each checkpoint folder: step, mAP, CMC, ...
 TRAIN_LOG_KEY = "train_log"  # per-iteration statistics since the previous report, as JSON text
+NODE_KEY = "node_id"  # the Ray node whose rank-0 worker made the report: where the trial trained
 _VALIDATION_KEYS = {
     "mAP": METRIC,
     "rank-1": "val_rank1",
@@ -90,6 +91,7 @@ class _Reporter(TrainCallback):
             **(self.records[-1] if self.records else {}),
             TIME_ATTR: step,
             TRAIN_LOG_KEY: json.dumps(self.records),
+            NODE_KEY: ray.get_runtime_context().get_node_id(),
         }
         self.records = []
         if ray.train.get_context().get_world_rank() != 0:

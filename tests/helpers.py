@@ -1,0 +1,131 @@
+"""Test helpers shared by several modules: an interrupting training callback, search-space documents,
+and a real ``mlflow server`` subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from reid_tune.train import TrainCallback
+
+
+class InterruptAt(TrainCallback):
+    """Sends this process SIGINT during step ``step``, as a user's Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model weights stored in a training checkpoint."""
+    return torch.load(path, weights_only=True)["model"]
+
+
+def search_document(data: Path, name: str, **sections: Any) -> dict[str, Any]:
+    """A search-space document over a generated Market-1501-style set: tiny lunet_small trials of 20
+    iterations, validated every 10. ``sections`` update (dicts) or replace (other values) its sections."""
+    document: dict[str, Any] = {
+        "experiment": name,
+        "data": {
+            "train": str(data / "market1501_train.csv"),
+            "image_root": str(data),
+            "convention": "market1501",
+            "test_query": str(data / "market1501_query.csv"),
+            "test_gallery": str(data / "market1501_test.csv"),
+        },
+        "validation": {"identities": 3, "seed": 0},
+        "train": {
+            "network": "lunet_small",
+            "embedding_dim": 32,
+            "input_height": 64,
+            "input_width": 32,
+            "pre_crop_height": 64,
+            "pre_crop_width": 32,
+            "crop_augment": False,
+            "train_iterations": 20,
+            "validate_every": 10,
+            "log_every": 5,
+            "precision": "fp32",
+            "num_workers": 0,
+        },
+        "space": {
+            "batch_p": {"int": [4, 18]},
+            "batch_k": {"int": [2, 4]},
+            "margin": {"choice": ["soft", 0.2]},
+            "lr": {"loguniform": [1e-4, 1e-3]},
+            "decay_start": {"uniform": [0.4, 0.8]},
+            "decay_factor": {"loguniform": [1e-4, 1e-2]},
+        },
+        "search": {
+            "start_points": ["paper"],
+            "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 2},
+            "num_samples": 4,
+            "max_concurrent_trials": 2,
+            "max_failures": 1,
+        },
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+    }
+    for section, values in sections.items():
+        base = document.get(section)
+        document[section] = {**base, **values} if isinstance(base, dict) and isinstance(values, dict) else values
+    return document
+
+
+def write_yaml(path: Path, document: dict[str, Any]) -> Path:
+    """Write ``document`` as YAML, keys in their order; returns ``path``."""
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 (one worker, SQLite, proxied artifacts in ``folder``); its URI."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+        "--artifacts-destination", str(folder / "artifacts"),
+    ]  # fmt: skip
+    server = subprocess.Popen(command, env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(uri, timeout=120)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _wait_healthy(uri: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"mlflow server at {uri} did not start within {timeout:.0f} s")
