@@ -83,7 +83,9 @@ def search_document(data: Path, name: str, **sections: Any) -> dict[str, Any]:
     }
     for section, values in sections.items():
         base = document.get(section)
-        document[section] = {**base, **values} if isinstance(base, dict) and isinstance(values, dict) else values
+        document[section] = (
+            {**base, **values} if isinstance(base, dict) and isinstance(values, dict) else values
+        )
     return document
 
 
@@ -110,7 +112,9 @@ def mlflow_server(folder: Path) -> Iterator[str]:
         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
         "--artifacts-destination", str(folder / "artifacts"),
     ]  # fmt: skip
-    server = subprocess.Popen(command, env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        command, env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(uri, timeout=120)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -18,6 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from reid_tune.search import storage
 from reid_tune.search.space import SearchSpec
 from reid_tune.search.trainable import (
     METRIC,
@@ -62,11 +62,14 @@ def matches_point(config: dict[str, Any], point: dict[str, Any] | None) -> bool:
     )
 
 
-def best_checkpoint(paths: SearchPaths, trial_id: str) -> tuple[Path, dict[str, Any]] | None:
-    """The kept checkpoint folder of a trial with the highest validation mAP, and its validation.json."""
+def best_checkpoint(paths: SearchPaths, trial_id: str) -> tuple[str, dict[str, Any]] | None:
+    """The kept checkpoint folder (in the storage) of a trial with the highest validation mAP, and its
+    validation.json."""
+    run = storage.join(paths.train_runs, trial_id)
     scored = [
-        (json.loads((folder / VALIDATION_FILE).read_text()), folder)
-        for folder in paths.trial_checkpoints(trial_id)
+        (json.loads(text), folder)
+        for folder in (storage.join(run, name) for name in storage.entries(run))
+        if (text := storage.read_text(storage.join(folder, VALIDATION_FILE))) is not None
     ]
     if not scored:
         return None
@@ -97,7 +100,7 @@ class MlflowLogger(tune.Callback):
         self.tracker = SearchTracker.open(self.tracking_uri, self.experiment, self.parent_run_id)
 
     def _open(self, trial: Trial) -> None:
-        cfg = trial_config(self.spec, self.paths, trial.config)
+        cfg = trial_config(self.spec, trial.config)
         params = {**cfg.to_dict(), "decay_start": trial.config.get("decay_start"), "trial_id": trial.trial_id}
         tags = {
             DATASET_TAG: self.spec.data.train,
@@ -127,7 +130,11 @@ class MlflowLogger(tune.Callback):
     def _finish(self, trial: Trial, *, failed: bool) -> None:
         self._open(trial)
         best = best_checkpoint(self.paths, trial.trial_id)
-        self.tracker.finish_trial(trial.trial_id, best[0] if best else None, failed=failed)
+        if best is None:
+            self.tracker.finish_trial(trial.trial_id, None, failed=failed)
+            return
+        with storage.local_copy(best[0]) as folder:
+            self.tracker.finish_trial(trial.trial_id, folder, failed=failed)
 
 
 class TrialTable(tune.Callback):

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,6 +21,7 @@ from reid_tune.config import TrainConfig, config_from_dict
 from reid_tune.datasets import CONVENTIONS, load_csv
 from reid_tune.errors import ReidTuneError
 from reid_tune.models import list_heads, list_networks
+from reid_tune.search.storage import STORAGE_SCHEMES, absolute, is_uri
 from reid_tune.validation import ValidationSplit, hold_out
 
 # The paper's Market-1501 settings (Hermans et al. 2017, Sec. 4): P=18, K=4, soft margin, lr 3e-4,
@@ -296,6 +298,17 @@ class SearchSpec(_Strict):
             else None
         )
 
+    def validation_split(self) -> ValidationSplit:
+        """The seeded hold-out of training identities the search validates on (a pure function of the
+        training CSV and ``validation:``, so the driver draws the same split on every run and resume)."""
+        return hold_out(
+            load_csv(self.data.train),
+            self.data.convention,
+            identities=self.validation.identities,
+            fraction=self.validation.fraction,
+            seed=self.validation.seed,
+        )
+
     def train_config(self, sampled: dict[str, Any], train_set: Path) -> TrainConfig:
         """The TrainConfig of one trial: fixed options, sampled values, and its reduced training list."""
         values = {name: param.values[0] for name, param in self.params.items() if not param.searched}
@@ -458,6 +471,19 @@ def check_space(spec: SearchSpec, path: Path, lines: dict[tuple[Any, ...], int])
         )
 
 
+def check_storage(spec: SearchSpec, path: Path, lines: dict[tuple[Any, ...], int]) -> None:
+    """The storage is a local folder or a URI of a file system that Ray and pyarrow can reach."""
+    scheme = urlsplit(spec.storage).scheme if is_uri(spec.storage) else "file"
+    if scheme not in STORAGE_SCHEMES:
+        raise _located(
+            path,
+            lines,
+            ("storage",),
+            f"{spec.storage}: unsupported scheme '{scheme}' (use a folder or one of "
+            f"{', '.join(s + '://' for s in STORAGE_SCHEMES)})",
+        )
+
+
 def check_files(spec: SearchSpec, path: Path, lines: dict[tuple[Any, ...], int]) -> None:
     """Every named file and folder exists."""
     checks = [("image_root", spec.data.image_root, Path.is_dir, "folder")]
@@ -517,13 +543,7 @@ def validation_split(spec: SearchSpec, path: Path, lines: dict[tuple[Any, ...], 
     """The seeded hold-out of ``validation:`` (an error at its line if it cannot be drawn)."""
     key = "identities" if spec.validation.identities is not None else "fraction"
     try:
-        return hold_out(
-            load_csv(spec.data.train),
-            spec.data.convention,
-            identities=spec.validation.identities,
-            fraction=spec.validation.fraction,
-            seed=spec.validation.seed,
-        )
+        return spec.validation_split()
     except ReidTuneError as err:
         raise _located(path, lines, ("validation", key), str(err)) from None
 
@@ -541,18 +561,20 @@ def load_spec(path: str | Path, *, prepare_data: bool = True) -> SearchSpec:
         generate_demo(spec.data.image_root)
     check_files(spec, path, lines)
     check_points(spec, path, lines)
+    check_storage(spec, path, lines)
     train_ids = len(set(validation_split(spec, path, lines).train.pids.tolist()))
     check_batch(spec, path, lines, train_ids)
     return absolute_paths(spec)
 
 
 def absolute_paths(spec: SearchSpec) -> SearchSpec:
-    """``spec`` with its files and storage made absolute: trials and Ray workers run in other folders."""
+    """``spec`` with its files and a local storage made absolute: trials and Ray workers run in other
+    folders (a storage URI stays as it is)."""
     data = {
         key: str(Path(value).resolve())
         for key, value in spec.data.model_dump().items()
         if key in ("train", "image_root", "test_query", "test_gallery") and value is not None
     }
     return spec.model_copy(
-        update={"data": spec.data.model_copy(update=data), "storage": str(Path(spec.storage).resolve())}
+        update={"data": spec.data.model_copy(update=data), "storage": absolute(spec.storage)}
     )

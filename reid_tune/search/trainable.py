@@ -1,8 +1,9 @@
 """One trial: a Tune function that fits a Ray Train ``TorchTrainer`` of the core training loop.
 
 The Tune function turns the sampled config dict into a :class:`TrainConfig` and fits a TorchTrainer
-named after the trial, so a retried or resumed trial restores the newest checkpoint of its Train run.
-Each Train worker runs :func:`reid_tune.train.train`; at every checkpoint (``validate_every``) rank 0
+named after the trial, so a retried or resumed trial restores the newest checkpoint of its Train run
+from the search's storage (any node's). The validation split travels with the trial, so a node needs
+only the images. Each Train worker runs :func:`reid_tune.train.train`; at every checkpoint (``validate_every``) rank 0
 validates on the held-out identities and reports the training statistics since the last report,
 validation mAP/CMC and a checkpoint folder (weights, options, validation embeddings and CMC).
 """
@@ -22,14 +23,18 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from reid_tune.config import TrainConfig, config_from_dict
+from reid_tune.datasets import write_csv
 from reid_tune.models import ReidModel
+from reid_tune.search import storage
 from reid_tune.search.space import SearchSpec
 from reid_tune.train import CONFIG_FILE, TrainCallback, checkpoint_path, resolve_device, train
-from reid_tune.validation import ValidationSplit, load_split, validate
+from reid_tune.validation import SPLIT_FILES, ValidationSplit, validate
 
 METRIC = "val_mAP"  # the search objective, maximised
 TIME_ATTR = "step"  # training iterations, the scheduler's clock
 VALIDATION_FILE = "validation.json"  # in each checkpoint folder: step, mAP, CMC, ...
+STATE_FILE = "reid_tune_search.json"  # in the search's folder: its MLflow parent run and tracking URI
+SPLIT_ARTIFACT = "validation_split"  # the parent run's artifact folder of the split's CSVs
 TRAIN_LOG_KEY = "train_log"  # per-iteration statistics since the previous report, as JSON text
 NODE_KEY = "node_id"  # the Ray node whose rank-0 worker made the report: where the trial trained
 _VALIDATION_KEYS = {
@@ -44,33 +49,31 @@ VALIDATION_KEYS = tuple(_VALIDATION_KEYS.values())
 
 @dataclass(frozen=True)
 class SearchPaths:
-    """Where a search keeps its files (under ``<storage>/<experiment>``)."""
+    """Where a search keeps its files: ``<storage>/<experiment>``, a local folder or a URI (see storage)."""
 
-    root: Path
-
-    @property
-    def split(self) -> Path:
-        """The validation split's CSVs (train, val_query, val_gallery)."""
-        return self.root / "validation_split"
+    storage: str
+    experiment: str
 
     @property
-    def train_runs(self) -> Path:
+    def root(self) -> str:
+        """The search's folder: Tune's experiment, the Train runs and reid-tune's state."""
+        return storage.join(self.storage, self.experiment)
+
+    @property
+    def train_runs(self) -> str:
         """Ray Train storage: one run per trial, named by the trial id."""
-        return self.root / "train"
+        return storage.join(self.root, "train")
 
     @property
-    def state(self) -> Path:
+    def state(self) -> str:
         """reid-tune's own record of the search (its MLflow parent run), read by ``--resume``."""
-        return self.root / "reid_tune_search.json"
-
-    def trial_checkpoints(self, trial_id: str) -> list[Path]:
-        """The kept checkpoint folders of a trial that finished validating."""
-        return sorted(p.parent for p in (self.train_runs / trial_id).glob(f"*/{VALIDATION_FILE}"))
+        return storage.join(self.root, STATE_FILE)
 
 
-def trial_config(spec: SearchSpec, paths: SearchPaths, sampled: dict[str, Any]) -> TrainConfig:
-    """The full TrainConfig of a trial with these sampled values."""
-    return spec.train_config(sampled, paths.split / "train.csv")
+def trial_config(spec: SearchSpec, sampled: dict[str, Any]) -> TrainConfig:
+    """The full TrainConfig of a trial with these sampled values; its ``train_set`` names the parent
+    run's artifact of the split (each Train worker trains on its own copy of the same rows)."""
+    return spec.train_config(sampled, Path(SPLIT_ARTIFACT) / SPLIT_FILES["train"])
 
 
 # ---------------------------------------------------------------- Train workers
@@ -117,18 +120,20 @@ def validation_metrics(summary: dict[str, Any]) -> dict[str, float]:
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker loop: train (or resume from the restored checkpoint) with validation reports."""
     cfg = config_from_dict(config["train_config"], source="trial")
-    split = load_split(Path(config["split"]), config["convention"])
+    split: ValidationSplit = config["split"]
     run_dir = Path(tempfile.mkdtemp(prefix="reid-trial-"))
     try:
+        write_csv(run_dir / SPLIT_FILES["train"], split.train.pids, split.train.fids)
+        local = cfg.replace(train_set=str(run_dir / SPLIT_FILES["train"]))
         restored = ray.train.get_checkpoint()
         if restored is not None:
             with restored.as_directory() as folder:
-                stored = json.loads((Path(folder) / VALIDATION_FILE).read_text())
-                shutil.copy2(Path(folder) / CONFIG_FILE, run_dir / CONFIG_FILE)
-                shutil.copy2(
-                    checkpoint_path(folder, stored[TIME_ATTR]), checkpoint_path(run_dir, stored[TIME_ATTR])
-                )
-        train(None if restored else cfg, run_dir, resume=restored is not None, callback=_Reporter(cfg, split))
+                step = json.loads((Path(folder) / VALIDATION_FILE).read_text())[TIME_ATTR]
+                shutil.copy2(checkpoint_path(folder, step), checkpoint_path(run_dir, step))
+            local.save(run_dir / CONFIG_FILE)
+        train(
+            None if restored else local, run_dir, resume=restored is not None, callback=_Reporter(cfg, split)
+        )
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -136,18 +141,14 @@ def train_worker(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- the Tune function
 
 
-def run_trial(config: dict[str, Any], *, spec: SearchSpec, root: str) -> None:
-    """Tune trainable: fit one TorchTrainer with the sampled ``config`` (a plain dict of space values)."""
-    paths = SearchPaths(Path(root))
-    cfg = trial_config(spec, paths, config)
+def run_trial(config: dict[str, Any], *, spec: SearchSpec, split: ValidationSplit) -> None:
+    """Tune trainable: fit one TorchTrainer with the sampled ``config`` (a plain dict of space values)
+    on the search's validation ``split``."""
+    paths = SearchPaths(spec.storage, spec.experiment)
     resources = spec.resources
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={
-            "train_config": cfg.to_dict(),
-            "split": str(paths.split),
-            "convention": spec.data.convention,
-        },
+        train_loop_config={"train_config": trial_config(spec, config).to_dict(), "split": split},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers,
             use_gpu=resources.gpus_per_worker > 0,
@@ -155,7 +156,7 @@ def run_trial(config: dict[str, Any], *, spec: SearchSpec, root: str) -> None:
         ),
         run_config=ray.train.RunConfig(
             name=tune.get_context().get_trial_id(),
-            storage_path=str(paths.train_runs),
+            storage_path=paths.train_runs,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=spec.search.keep_checkpoints,
                 checkpoint_score_attribute=METRIC,

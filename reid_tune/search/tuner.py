@@ -11,6 +11,7 @@ import json
 import math
 import os
 import socket
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +24,23 @@ from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from reid_tune.datasets import load_csv
 from reid_tune.errors import ReidTuneError
+from reid_tune.search import storage
 from reid_tune.search.callbacks import MlflowLogger, TrialTable, matches_point
 from reid_tune.search.space import SearchSpec, load_spec
-from reid_tune.search.trainable import METRIC, TIME_ATTR, SearchPaths, run_trial
+from reid_tune.search.trainable import (
+    METRIC,
+    SPLIT_ARTIFACT,
+    STATE_FILE,
+    TIME_ATTR,
+    SearchPaths,
+    run_trial,
+)
 from reid_tune.tracking import DATASET_TAG, MODEL_NAME_TAG, SearchTracker, client_for, resolve_tracking_uri
-from reid_tune.validation import hold_out, write_split
+from reid_tune.validation import ValidationSplit, write_split
 
 _UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+STORAGE_TAG = "reid_tune.storage"  # on the parent run: the search's folder (or URI) in the storage
 DRIVER_CPUS = 0.01  # what a trial's Tune function holds while its TorchTrainer runs (Ray wants > 0)
 
 
@@ -97,21 +106,21 @@ def build_scheduler(spec: SearchSpec) -> Any:
     )
 
 
-def trainable(spec: SearchSpec, paths: SearchPaths) -> Any:
-    """The Tune function with the spec bound; it barely uses a CPU itself (its Train workers do)."""
-    return tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec, root=str(paths.root)), {"cpu": DRIVER_CPUS}
-    )
+def trainable(spec: SearchSpec, split: ValidationSplit) -> Any:
+    """The Tune function with the spec and split bound; it barely uses a CPU itself (its Train workers do)."""
+    return tune.with_resources(tune.with_parameters(run_trial, spec=spec, split=split), {"cpu": DRIVER_CPUS})
 
 
-def build_tuner(spec: SearchSpec, paths: SearchPaths, callbacks: list[Any], *, resume: bool) -> Any:
+def build_tuner(
+    spec: SearchSpec, paths: SearchPaths, split: ValidationSplit, callbacks: list[Any], *, resume: bool
+) -> Any:
     """A new Tuner for ``spec``, or the interrupted one restored from ``paths.root``."""
-    if resume and tune.Tuner.can_restore(str(paths.root)):
+    if resume and tune.Tuner.can_restore(paths.root):
         return tune.Tuner.restore(
-            str(paths.root), trainable(spec, paths), resume_unfinished=True, resume_errored=False
+            paths.root, trainable(spec, split), resume_unfinished=True, resume_errored=False
         )
     return tune.Tuner(
-        trainable(spec, paths),
+        trainable(spec, split),
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             metric=METRIC,
@@ -123,8 +132,8 @@ def build_tuner(spec: SearchSpec, paths: SearchPaths, callbacks: list[Any], *, r
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=tune.RunConfig(
-            name=paths.root.name,
-            storage_path=str(paths.root.parent),
+            name=paths.experiment,
+            storage_path=paths.storage,
             callbacks=callbacks,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
@@ -163,58 +172,48 @@ def start_local_ray(num_cpus: int) -> None:
 
 
 def _read_state(paths: SearchPaths) -> dict[str, str]:
-    if not paths.state.is_file():
-        raise ReidTuneError(
-            f"{paths.root}: nothing to resume (no {paths.state.name}); start it without --resume"
-        )
-    return json.loads(paths.state.read_text())
+    text = storage.read_text(paths.state)
+    if text is None:
+        raise ReidTuneError(f"{paths.root}: nothing to resume (no {STATE_FILE}); start it without --resume")
+    return json.loads(text)
 
 
 def start_tracking(
-    spec: SearchSpec, spec_file: Path, paths: SearchPaths, *, resume: bool, tracking_uri: str | None
+    spec: SearchSpec,
+    spec_file: Path,
+    paths: SearchPaths,
+    split: ValidationSplit,
+    *,
+    resume: bool,
+    tracking_uri: str | None,
 ) -> SearchTracker:
-    """The search's MLflow parent run: created with the split and the file, or reopened on resume."""
+    """The search's MLflow parent run: created with the file and the split's CSVs, or reopened on resume."""
     if resume:
         state = _read_state(paths)
         client = client_for(tracking_uri or state["tracking_uri"])
         tracker = SearchTracker(client, spec.tracking_experiment, state["parent_run_id"])
         tracker.reopen()
         return tracker
-    if paths.root.exists() and any(paths.root.iterdir()):
+    if storage.entries(paths.root):
         raise ReidTuneError(
             f"{paths.root}: already holds a search; pass --resume to continue it, or choose "
             f"another experiment name or storage"
         )
     uri = resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
     client = client_for(uri)
-    split = hold_out(
-        load_csv(spec.data.train),
-        spec.data.convention,
-        identities=spec.validation.identities,
-        fraction=spec.validation.fraction,
-        seed=spec.validation.seed,
-    )
-    files = write_split(split, paths.split)
-    tracker = SearchTracker.start(
-        client,
-        spec.tracking_experiment,
-        search_id=uuid.uuid4().hex,
-        run_name=spec.experiment,
-        params=_search_params(spec),
-        tags={
-            DATASET_TAG: spec.data.train,
-            MODEL_NAME_TAG: spec.model_name,
-            "reid_tune.storage": str(paths.root),
-        },
-        files=[(spec_file, ""), *((path, "validation_split") for path in files.values())],
-    )
-    paths.state.write_text(
-        json.dumps(
-            {"search_id": tracker.search_id, "parent_run_id": tracker.parent_run_id, "tracking_uri": uri},
-            indent=2,
+    with tempfile.TemporaryDirectory(prefix="reid-tune-split-") as folder:
+        files = write_split(split, Path(folder))
+        tracker = SearchTracker.start(
+            client,
+            spec.tracking_experiment,
+            search_id=uuid.uuid4().hex,
+            run_name=spec.experiment,
+            params=_search_params(spec),
+            tags={DATASET_TAG: spec.data.train, MODEL_NAME_TAG: spec.model_name, STORAGE_TAG: paths.root},
+            files=[(spec_file, ""), *((path, SPLIT_ARTIFACT) for path in files.values())],
         )
-        + "\n"
-    )
+    state = {"search_id": tracker.search_id, "parent_run_id": tracker.parent_run_id, "tracking_uri": uri}
+    storage.write_text(paths.state, json.dumps(state, indent=2) + "\n")
     return tracker
 
 
@@ -289,13 +288,14 @@ def run_search(
     spec = load_spec(spec_file)
     if smoke_test:
         spec = smoke(spec)
-    paths = SearchPaths(Path(spec.storage).resolve() / spec.experiment)
-    tracker = start_tracking(spec, spec_file, paths, resume=resume, tracking_uri=tracking_uri)
+    paths = SearchPaths(spec.storage, spec.experiment)
+    split = spec.validation_split()
+    tracker = start_tracking(spec, spec_file, paths, split, resume=resume, tracking_uri=tracking_uri)
     connect_ray(spec)
     logger = MlflowLogger(
         tracker.client.tracking_uri, spec.tracking_experiment, tracker.parent_run_id, spec, paths
     )
-    tuner = build_tuner(spec, paths, [logger, TrialTable(spec)], resume=resume)
+    tuner = build_tuner(spec, paths, split, [logger, TrialTable(spec)], resume=resume)
     results = tuner.fit()
     interrupted = _unfinished(paths, spec.search.num_samples)
     summary = summarize(spec, results, tracker.parent_run_id, interrupted=interrupted)
@@ -309,7 +309,7 @@ def run_search(
 
 def _unfinished(paths: SearchPaths, num_samples: int) -> bool:
     """Whether the saved search still has trials to run or to start (it was interrupted)."""
-    trials = ExperimentAnalysis(str(paths.root)).trials
+    trials = ExperimentAnalysis(paths.root).trials
     return len(trials) < num_samples or any(trial.status in _UNFINISHED for trial in trials)
 
 
