@@ -1,5 +1,5 @@
-"""Test helpers shared by several modules: an interrupting training callback, search-space documents,
-and a real ``mlflow server`` subprocess."""
+"""Test helpers shared by several modules: an interrupting training callback, search-space documents
+and files, a real ``mlflow server`` subprocess and the trial runs it tracks."""
 
 from __future__ import annotations
 
@@ -13,12 +13,16 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
 from reid_tune.train import TrainCallback
+
+if TYPE_CHECKING:  # mlflow takes seconds to import; only the search tests need it
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 
 class InterruptAt(TrainCallback):
@@ -93,6 +97,26 @@ def write_yaml(path: Path, document: dict[str, Any]) -> Path:
     """Write ``document`` as YAML, keys in their order; returns ``path``."""
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
+
+
+def write_space(folder: Path, data: Path, name: str, *, tracking_uri: str | None, **sections: Any) -> Path:
+    """A search-space file over the generated data, stored under ``folder``; ``sections`` update it."""
+    document = search_document(
+        data,
+        name,
+        storage=str(folder / "ray_results"),
+        mlflow={"tracking_uri": tracking_uri, "registered_model": f"{name}-model"},
+        **sections,
+    )
+    return write_yaml(folder / f"{name}.yaml", document)
+
+
+def trial_runs(client: MlflowClient, experiment: str) -> list[Run]:
+    """The nested MLflow runs of a search's trials."""
+    from reid_tune.tracking import ROLE_TAG
+
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
 
 
 def free_port() -> int:

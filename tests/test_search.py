@@ -15,7 +15,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from helpers import free_port, mlflow_server, search_document, write_yaml
+from helpers import free_port, mlflow_server, trial_runs, write_space
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -47,23 +47,6 @@ def ray_session() -> Iterator[None]:
     yield
     ray.shutdown()
     os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # it names this instance's dashboard
-
-
-def write_space(folder: Path, data: Path, name: str, *, tracking_uri: str | None, **sections: dict) -> Path:
-    """A search-space file over the generated data, stored under ``folder``; ``sections`` update it."""
-    document = search_document(
-        data,
-        name,
-        storage=str(folder / "ray_results"),
-        mlflow={"tracking_uri": tracking_uri, "registered_model": f"{name}-model"},
-        **sections,
-    )
-    return write_yaml(folder / f"{name}.yaml", document)
-
-
-def trial_runs(client: MlflowClient, experiment: str) -> list[Run]:
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
 
 
 def parent_run(client: MlflowClient, experiment: str) -> Run:
