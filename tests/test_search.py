@@ -272,16 +272,16 @@ def test_crashing_trials_are_retried_then_failed(data: Path, tmp_path: Path) -> 
         "crash",
         tracking_uri=uri,
         train={"pretrained": str(tmp_path / "none.pth")},
-        search={"num_samples": 2, "max_failures": 1, "scheduler": {"type": "none"}},
+        search={"num_samples": 1, "max_failures": 1, "scheduler": {"type": "none"}},
     )
     summary = run_search(space)
-    assert [t.status for t in summary.trials] == ["ERROR", "ERROR"] and summary.best is None
+    assert [t.status for t in summary.trials] == ["ERROR"] and summary.best is None
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(str(tmp_path / "ray_results" / "crash"))
-    assert [t.num_failures for t in analysis.trials] == [2, 2]  # the first try and one retry each
+    assert [t.num_failures for t in analysis.trials] == [2]  # the first try and one retry
     runs = trial_runs(MlflowClient(uri), "crash")
-    assert len(runs) == 2 and all(r.info.status == "FAILED" for r in runs)
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def test_tracking_server_down_is_reported_before_trials(data: Path, tmp_path: Path) -> None:

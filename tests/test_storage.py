@@ -116,10 +116,10 @@ def test_search_runs_and_resumes_from_s3(s3: str, tmp_path: Path) -> None:
         "bucket",
         storage=storage.join(s3, "searches"),
         mlflow={"tracking_uri": uri},
-        search={"num_samples": 2, "max_concurrent_trials": 1, "scheduler": {"type": "none"}},
+        search={"num_samples": 2, "max_concurrent_trials": 2, "scheduler": {"type": "none"}},
     )
     space = write_yaml(tmp_path / "bucket.yaml", document)
-    start_local_ray(num_cpus=2)
+    start_local_ray(num_cpus=3)  # two 1-CPU trials and their Tune functions
     try:
         summary = run_search(space)
         assert [t.status for t in summary.trials] == ["TERMINATED"] * 2 and not summary.interrupted
