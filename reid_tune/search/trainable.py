@@ -3,9 +3,10 @@
 The Tune function turns the sampled config dict into a :class:`TrainConfig` and fits a TorchTrainer
 named after the trial, so a retried or resumed trial restores the newest checkpoint of its Train run
 from the search's storage (any node's). The validation split travels with the trial, so a node needs
-only the images. Each Train worker runs :func:`reid_tune.train.train`; at every checkpoint (``validate_every``) rank 0
-validates on the held-out identities and reports the training statistics since the last report,
-validation mAP/CMC and a checkpoint folder (weights, options, validation embeddings and CMC).
+only the images. Each Train worker runs :func:`reid_tune.train.train`; at every checkpoint
+(``validate_every``) rank 0 validates on the held-out identities and reports the training statistics
+since the last report, validation mAP/CMC and a checkpoint folder (weights, options, validation
+embeddings and CMC).
 """
 
 from __future__ import annotations
