@@ -78,6 +78,20 @@ def _training_options(command: Any) -> Any:
     return command
 
 
+def train_command(cfg: TrainConfig, run_dir: str | Path) -> str:
+    """The ``reid-tune train`` command line that trains ``cfg`` again: every option that differs from
+    its default, spelled as :func:`_training_options` defines it."""
+    words = ["reid-tune train", f"--train-set {cfg.train_set}", f"--image-root {cfg.image_root}",
+             f"--run-dir {run_dir}"]
+    for field in fields(TrainConfig):
+        value = getattr(cfg, field.name)
+        if field.name in _NOT_FLAGS or value == field.default:
+            continue
+        flag = field.name.replace("_", "-")
+        words.append(f"--{'' if value else 'no-'}{flag}" if isinstance(value, bool) else f"--{flag} {value}")
+    return " ".join(words)
+
+
 def _coerce(name: str, value: Any) -> Any:
     """The margin option is text: a number becomes a float, 'soft'/'none' stay words."""
     if name == "margin":

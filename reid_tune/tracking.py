@@ -216,6 +216,24 @@ class SearchTracker:
             log_checkpoint_folder(self.client, run_id, best)
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
+    def trial_histories(self, keys: Iterable[str]) -> dict[str, tuple[str, dict[str, list[Metric]]]]:
+        """Each trial of the search: its run id and the full history of each metric in ``keys``."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.`{SEARCH_TAG}` = '{self.search_id}' and tags.`{ROLE_TAG}` = 'trial'"
+        )
+        return {
+            run.data.tags[TRIAL_TAG]: (
+                run.info.run_id,
+                {key: self.client.get_metric_history(run.info.run_id, key) for key in keys},
+            )
+            for run in runs
+        }
+
+    def log_parent_files(self, paths: Iterable[Path], folder: str) -> None:
+        """Files into the parent run's artifact ``folder``, replacing earlier copies."""
+        for path in paths:
+            self.client.log_artifact(self.parent_run_id, str(path), folder)
+
     def finish(self, *, metrics: dict[str, float], tags: dict[str, str], status: str) -> None:
         """The search's summary on the parent run, which ends with ``status`` (FINISHED, KILLED, FAILED)."""
         now = _now_ms()

@@ -20,9 +20,11 @@ import yaml
 
 from reid_tune.train import TrainCallback
 
-if TYPE_CHECKING:  # mlflow takes seconds to import; only the search tests need it
+if TYPE_CHECKING:  # mlflow and Ray take seconds to import; only the search tests need them
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
+
+    from reid_tune.search.algorithms import PruningOptunaSearch
 
 
 class InterruptAt(TrainCallback):
@@ -117,6 +119,49 @@ def trial_runs(client: MlflowClient, experiment: str) -> list[Run]:
 
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
+
+
+def restored_searcher(root: Path, budget: int) -> PruningOptunaSearch:
+    """The searcher of the search in folder ``root`` (``budget`` iterations) as Tune last saved it."""
+    from reid_tune.search.algorithms import PruningOptunaSearch
+
+    searcher = PruningOptunaSearch(budget=budget)
+    searcher.restore_from_dir(str(root))
+    return searcher
+
+
+def assert_study_matches_tune(root: Path, budget: int) -> None:
+    """The Optuna study saved with the search in ``root`` agrees with Tune's record of it: one Optuna
+    trial per Tune trial, intermediate values = each validation (the first one of a step) at its
+    training step, COMPLETE with the last value exactly for the trials whose last report was at the
+    full ``budget``, FAIL for failed trials, PRUNED for the others."""
+    from optuna.trial import TrialState
+    from pytest import approx
+    from ray.tune import ExperimentAnalysis
+
+    from reid_tune.search.trainable import METRIC, TIME_ATTR
+
+    searcher = restored_searcher(root, budget)
+    tune = ExperimentAnalysis(str(root))
+    assert set(searcher._ot_trials) == {trial.trial_id for trial in tune.trials}
+    assert len(searcher.study.get_trials(deepcopy=False)) == len(tune.trials)
+    for trial in tune.trials:
+        frame = tune.trial_dataframes[trial.trial_id]
+        reported: dict[int, float] = {}  # step -> its first validation (a failed trial has no columns)
+        if METRIC in frame:
+            for step, value in frame.dropna(subset=[METRIC])[[TIME_ATTR, METRIC]].itertuples(index=False):
+                reported.setdefault(int(step), float(value))
+        study_trial = searcher.optuna_trial(trial.trial_id)
+        where = f"trial {trial.trial_id} ({trial.status}, Optuna {study_trial.state.name})"
+        assert study_trial.intermediate_values == approx(reported, rel=1e-9), where
+        last_step = (trial.last_result or {}).get(TIME_ATTR)
+        if trial.status == "ERROR":
+            assert study_trial.state == TrialState.FAIL, where
+        elif last_step == budget:
+            assert study_trial.state == TrialState.COMPLETE, where
+            assert study_trial.value == approx(reported[budget], rel=1e-9), where
+        else:
+            assert study_trial.state == TrialState.PRUNED, where
 
 
 def free_port() -> int:

@@ -11,11 +11,19 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from csv import DictReader
 from pathlib import Path
 
 import h5py
 import pytest
-from helpers import free_port, mlflow_server, trial_runs, write_space
+from helpers import (
+    assert_study_matches_tune,
+    free_port,
+    mlflow_server,
+    restored_searcher,
+    trial_runs,
+    write_space,
+)
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -23,6 +31,7 @@ from reid_tune.cli import main
 from reid_tune.errors import ReidTuneError
 from reid_tune.promote import promote
 from reid_tune.search import run_search
+from reid_tune.search.summary import SearchSummary
 from reid_tune.search.tuner import start_local_ray
 from reid_tune.synthetic import generate_demo
 from reid_tune.tracking import ROLE_TAG, TRIAL_TAG, check_tracking, download_checkpoint
@@ -54,6 +63,12 @@ def parent_run(client: MlflowClient, experiment: str) -> Run:
     return client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'search'")[0]
 
 
+def analysis_rows(client: MlflowClient, run_id: str) -> list[dict[str, str]]:
+    """The rows of a parent run's ``search/trials.csv``."""
+    with open(client.download_artifacts(run_id, "search/trials.csv"), newline="") as handle:
+        return list(DictReader(handle))
+
+
 # ------------------------------------------------------------ a 4-trial search tracked by an MLflow server
 
 
@@ -65,8 +80,10 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def searched(data: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str) -> tuple[Path, str]:
-    """A finished 4-trial TPE + ASHA search tracked over HTTP: (its folder, tracking URI)."""
+def four(
+    data: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str
+) -> tuple[Path, str, SearchSummary]:
+    """A finished 4-trial TPE + ASHA search tracked over HTTP: (its folder, tracking URI, summary)."""
     folder = tmp_path_factory.mktemp("search")
     summary = run_search(
         write_space(folder, data, "four", tracking_uri="sqlite:///unused.db"), tracking_uri=mlflow_uri
@@ -83,7 +100,13 @@ def searched(data: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_uri: s
         "decay_start": 0.6,
         "decay_factor": 1e-3,
     }
-    return folder, mlflow_uri
+    return folder, mlflow_uri, summary
+
+
+@pytest.fixture(scope="module")
+def searched(four: tuple[Path, str, SearchSummary]) -> tuple[Path, str]:
+    """The 4-trial search: (its folder, tracking URI)."""
+    return four[0], four[1]
 
 
 def test_search_logs_parent_and_nested_runs(searched: tuple[Path, str]) -> None:
@@ -93,7 +116,11 @@ def test_search_logs_parent_and_nested_runs(searched: tuple[Path, str]) -> None:
     assert parent.info.status == "FINISHED"
     assert {"best_val_mAP", "paper_val_mAP"} <= set(parent.data.metrics)
     assert parent.data.params["space.lr"] == "loguniform [0.0001, 0.001]"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"four.yaml", "validation_split"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
+        "four.yaml",
+        "validation_split",
+        "search",
+    }
     assert client.get_experiment_by_name("four").artifact_location.startswith("mlflow-artifacts:")
     runs = trial_runs(client, "four")
     assert len(runs) == 4 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 4
@@ -124,6 +151,34 @@ def test_search_logs_parent_and_nested_runs(searched: tuple[Path, str]) -> None:
         assert any(path.startswith("checkpoint/checkpoint-") for path in artifacts)
     with h5py.File(client.download_artifacts(runs[0].info.run_id, "validation/val_query.h5"), "r") as f:
         assert f["emb"].shape[1] == 32 and f["augmentation_types"][0].startswith(b"original")
+
+
+def test_study_matches_tune_and_the_paper_trained_its_full_budget(
+    four: tuple[Path, str, SearchSummary],
+) -> None:
+    folder, _, summary = four
+    assert_study_matches_tune(folder / "ray_results" / "four", budget=20)
+    assert summary.paper.full_budget and summary.paper.iterations == 20  # ASHA spares the baseline
+    assert summary.gain is not None and summary.best_full is not None
+    assert summary.verdict.startswith(f"best full-budget trial {summary.best_full.trial_id} vs the paper's")
+
+
+def test_parent_run_holds_the_search_analysis(four: tuple[Path, str, SearchSummary]) -> None:
+    folder, uri, summary = four
+    client = MlflowClient(uri)
+    parent = parent_run(client, "four")
+    files = {a.path: a.file_size for a in client.list_artifacts(parent.info.run_id, "search")}
+    names = ("history.png", "importance.png", "parallel.png", "trials.csv")
+    assert set(files) == {f"search/{name}" for name in names} and all(files.values())
+    rows = analysis_rows(client, parent.info.run_id)
+    searcher = restored_searcher(folder / "ray_results" / "four", budget=20)
+    assert {row["trial_id"]: row["optuna_state"] for row in rows} == {
+        trial.trial_id: searcher.optuna_trial(trial.trial_id).state.name for trial in summary.trials
+    }
+    assert {row["tune_status"] for row in rows} == {"TERMINATED"}
+    assert [row["trial_id"] for row in rows if row["baseline"] == "true"] == [summary.paper.trial_id]
+    assert parent.data.tags["reid_tune.verdict"] == summary.verdict
+    assert parent.data.metrics["gain_val_mAP"] == pytest.approx(summary.gain)
 
 
 def test_fresh_start_refuses_an_existing_search(searched: tuple[Path, str]) -> None:
@@ -252,7 +307,21 @@ def test_resume_after_interrupt_finishes_without_duplicates(
         assert steps == [10, 20]  # each validation logged once, none repeated
         if run.data.tags[TRIAL_TAG] in done_before:  # not rerun
             assert run.info.end_time == done_before[run.data.tags[TRIAL_TAG]]
-    assert parent_run(client, "resumed").info.status == "FINISHED"
+    parent = parent_run(client, "resumed")
+    assert parent.info.status == "FINISHED"
+    assert_study_matches_tune(tmp_path / "ray_results" / "resumed", budget=20)  # the study resumed too
+    rows = analysis_rows(client, parent.info.run_id)  # redrawn by the restored callback and searcher
+    assert [(row["tune_status"], row["optuna_state"]) for row in rows] == [("TERMINATED", "COMPLETE")] * 2
+
+
+def test_max_images_ends_the_search_early_not_interrupted(data: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    search = {"num_samples": 3, "max_concurrent_trials": 1, "max_images": 1000, "scheduler": {"type": "none"}}
+    summary = run_search(write_space(tmp_path, data, "thrifty", tracking_uri=uri, search=search))
+    assert [t.config for t in summary.trials] == [summary.paper.config]  # 20 x 18 x 4 = 1440 images
+    assert not summary.interrupted and summary.paper.full_budget
+    assert parent_run(MlflowClient(uri), "thrifty").info.status == "FINISHED"
+    assert_study_matches_tune(tmp_path / "ray_results" / "thrifty", budget=20)
 
 
 def test_resume_without_a_search_is_an_error(data: Path, tmp_path: Path) -> None:
@@ -282,6 +351,7 @@ def test_crashing_trials_are_retried_then_failed(data: Path, tmp_path: Path) -> 
     assert [t.num_failures for t in analysis.trials] == [2]  # the first try and one retry
     runs = trial_runs(MlflowClient(uri), "crash")
     assert [r.info.status for r in runs] == ["FAILED"]
+    assert_study_matches_tune(tmp_path / "ray_results" / "crash", budget=20)  # one FAIL, not one per try
 
 
 def test_tracking_server_down_is_reported_before_trials(data: Path, tmp_path: Path) -> None:

@@ -41,7 +41,9 @@ def _document(data: Path) -> dict:
         "t",
         train={"pre_crop_height": 72, "pre_crop_width": 36},
         space={"batch_p": {"int": [2, 6]}, "decay_factor": 0.001},
-        search={"start_points": [{"batch_p": 4, "batch_k": 2}]},
+        search={
+            "start_points": [{"batch_p": 4, "batch_k": 2, "margin": "soft", "lr": 3e-4, "decay_start": 0.6}]
+        },
     )
 
 
@@ -133,6 +135,23 @@ def test_valid_file_loads_with_absolute_paths(
             "grace_period",
             "<= train",
         ),
+        (
+            lambda d: d["search"].update(start_points=[{"batch_p": 4, "batch_k": 2, "baseline": "yes"}]),
+            "baseline:",
+            "search.start_points.0.baseline: 'yes': expected true or false",
+        ),
+        (
+            lambda d: d["search"].update(start_points=[{"batch_p": 9, "batch_k": 2, "baseline": True}]),
+            "batch_p: 9",
+            "batch_p=9: outside space.batch_p = int [2, 6]",
+        ),
+        (lambda d: d["search"].update(stopped_as="maybe"), "stopped_as", "'pruned' or 'complete'"),
+        (
+            lambda d: d["search"].update(start_points=[{"batch_p": 4, "batch_k": 2}]),
+            "- batch_p: 4",
+            "start point gives no margin, lr, decay_start: it needs every searched value",
+        ),
+        (lambda d: d["search"].update(max_images=0), "max_images", "greater than or equal to 1"),
     ],
 )
 def test_each_mistake_is_one_located_error(
@@ -147,6 +166,64 @@ def test_each_mistake_is_one_located_error(
     assert "\n" not in text
     assert message in text
     assert text.startswith(f"{path}:{_line_of(path, anchor)}:"), text
+
+
+def test_baseline_points_are_the_papers_and_the_marked_ones(data: Path, tmp_path: Path) -> None:
+    """The paper's point and a point marked ``baseline: true`` are baselines; others are not, and no start
+    point keeps the ``baseline`` key."""
+    marked, unmarked, unmarked_too = ({**PAPER_POINT, "batch_p": p} for p in (6, 8, 10))
+    document = search_document(
+        data,
+        "t",
+        search={
+            "start_points": [
+                {**marked, "baseline": True},
+                "paper",
+                unmarked,
+                {**unmarked_too, "baseline": False},
+            ]
+        },
+    )
+    path = _write(tmp_path, document)
+    raw, lines = read_yaml(path)
+    spec = parse_spec(path, raw, lines)
+    check_points(spec, path, lines)  # `baseline: false` is allowed too
+    assert spec.baseline_points() == [marked, PAPER_POINT]
+    assert spec.start_points() == [marked, PAPER_POINT, unmarked, unmarked_too]  # no `baseline` key
+    assert spec.paper_point() == PAPER_POINT
+
+
+@pytest.mark.parametrize(
+    ("networks", "error"),
+    [
+        (["lunet_small", "resnet50"], None),
+        (["lunet_small", "resnet18"], "the paper's network='resnet50': outside"),
+    ],
+)
+def test_the_papers_point_is_trinet_when_the_architecture_is_searched(
+    data: Path, tmp_path: Path, networks: list[str], error: str | None
+) -> None:
+    document = search_document(
+        data, "t", space={**search_document(data, "t")["space"], "network": {"choice": networks}}
+    )
+    document["train"].pop("network")
+    path = _write(tmp_path, document)
+    raw, lines = read_yaml(path)
+    spec = parse_spec(path, raw, lines)
+    if error:
+        with pytest.raises(ReidTuneError, match=error):
+            check_points(spec, path, lines)
+        return
+    check_points(spec, path, lines)
+    assert spec.start_points() == [{**PAPER_POINT, "network": "resnet50"}]
+
+
+def test_a_loadable_start_point_starts_the_searcher(data: Path, tmp_path: Path) -> None:
+    from reid_tune.search.algorithms import build_searcher
+    from reid_tune.search.tuner import param_space
+
+    spec = load_spec(_write(tmp_path, _document(data)))
+    build_searcher(spec).set_search_properties("val_mAP", "max", param_space(spec))  # Ray accepts the point
 
 
 def test_not_yaml_and_missing_file(tmp_path: Path) -> None:

@@ -7,8 +7,10 @@ the trials themselves know nothing of MLflow.
 from __future__ import annotations
 
 import json
-import math
+import tempfile
 import time
+import warnings
+from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -18,11 +20,14 @@ from rich.live import Live
 from rich.table import Table
 
 from reid_tune.search import storage
+from reid_tune.search.algorithms import PruningOptunaSearch, is_baseline, matches_point
+from reid_tune.search.analysis import TrialRecord, reports_from_history, write_analysis
 from reid_tune.search.space import SearchSpec
 from reid_tune.search.trainable import (
     METRIC,
     TIME_ATTR,
     TRAIN_LOG_KEY,
+    VAL_RANK1,
     VALIDATION_FILE,
     VALIDATION_KEYS,
     SearchPaths,
@@ -31,6 +36,8 @@ from reid_tune.search.trainable import (
 from reid_tune.tracking import DATASET_TAG, SearchTracker
 
 PAPER_TAG = "reid_tune.paper_settings"  # "true" on the trial that ran the paper's settings
+BASELINE_TAG = "reid_tune.baseline"  # "true" on trials that run a baseline's settings (trained to the end)
+ANALYSIS_ARTIFACTS = "search"  # the parent run's folder of history.png, importance.png, ...
 SHORT_NAMES = {
     "batch_p": "P",
     "batch_k": "K",
@@ -42,24 +49,6 @@ SHORT_NAMES = {
     "head": "head",
     "network": "network",
 }
-
-
-def matches_point(config: dict[str, Any], point: dict[str, Any] | None) -> bool:
-    """Whether a trial's sampled ``config`` is the starting ``point`` (floats up to rounding)."""
-    if not point:
-        return False
-    return all(
-        k in config
-        and (
-            config[k] == v
-            or (
-                isinstance(v, float)
-                and isinstance(config[k], (int, float))
-                and math.isclose(config[k], v, rel_tol=1e-9)
-            )
-        )
-        for k, v in point.items()
-    )
 
 
 def best_checkpoint(paths: SearchPaths, trial_id: str) -> tuple[str, dict[str, Any]] | None:
@@ -105,6 +94,7 @@ class MlflowLogger(tune.Callback):
         tags = {
             DATASET_TAG: self.spec.data.train,
             PAPER_TAG: str(matches_point(trial.config, self.spec.paper_point())).lower(),
+            BASELINE_TAG: str(is_baseline(trial.config, self.spec)).lower(),
         }
         self.tracker.trial_run(trial.trial_id, params=params, tags=tags)
 
@@ -135,6 +125,80 @@ class MlflowLogger(tune.Callback):
             return
         with storage.local_copy(best[0]) as folder:
             self.tracker.finish_trial(trial.trial_id, folder, failed=failed)
+
+
+class SearchReport(tune.Callback):
+    """Keeps the parent run's search-level analysis (``search/``: history, importance and parallel
+    coordinates plots, trials.csv) current: redrawn whenever a trial ends, and once more at the end.
+
+    It reads the trials' validations from MLflow (written by :class:`MlflowLogger`, which runs first),
+    their status from Tune and their Optuna states from the searcher; Tune pickles this callback with
+    the searcher, so both are restored together on ``--resume``.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        parent_run_id: str,
+        spec: SearchSpec,
+        searcher: PruningOptunaSearch,
+    ) -> None:
+        self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
+        self.spec, self.searcher = spec, searcher
+        self.searched = [name for name, param in spec.params.items() if param.searched]
+        self.tracker: SearchTracker | None = None
+        self._ended: dict[str, str] = {}  # trial id -> TERMINATED or ERROR, before Tune sets it
+
+    def setup(self, **info: Any) -> None:
+        self.tracker = SearchTracker.open(self.tracking_uri, self.experiment, self.parent_run_id)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._ended[trial.trial_id] = Trial.TERMINATED
+        self.refresh(trials)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._ended[trial.trial_id] = Trial.ERROR
+        self.refresh(trials)
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        self.refresh(trials)
+
+    def records(self, trials: list[Trial]) -> list[TrialRecord]:
+        """What the analysis needs of every trial."""
+        histories = self.tracker.trial_histories((METRIC, VAL_RANK1))
+        return [self._record(trial, *histories.get(trial.trial_id, ("", {}))) for trial in trials]
+
+    def _record(self, trial: Trial, run_id: str, history: dict[str, list[Any]]) -> TrialRecord:
+        optuna_trial = self.searcher.optuna_trial(trial.trial_id)
+        return TrialRecord(
+            trial_id=trial.trial_id,
+            run_id=run_id,
+            params={name: trial.config.get(name) for name in self.searched},
+            batch_size=trial_config(self.spec, trial.config).batch_size,
+            reports=reports_from_history(history.get(METRIC, []), history.get(VAL_RANK1, [])),
+            tune_status=self._ended.get(trial.trial_id, trial.status),
+            optuna_state="" if optuna_trial is None else optuna_trial.state.name,
+            baseline=is_baseline(trial.config, self.spec),
+            budget=self.spec.train.train_iterations,
+        )
+
+    def refresh(self, trials: list[Trial]) -> None:
+        """Redraw the analysis and replace the parent run's copy; a failure warns, the search goes on."""
+        try:
+            self._refresh(trials)
+        except Exception as err:  # noqa: BLE001 - a plot or an upload must not end the search
+            warnings.warn(f"search analysis not refreshed: {type(err).__name__}: {err}", stacklevel=2)
+
+    def _refresh(self, trials: list[Trial]) -> None:
+        with tempfile.TemporaryDirectory(prefix="reid-search-") as folder:
+            paths = write_analysis(
+                self.records(trials),
+                self.searcher.study,
+                Path(folder),
+                title=f"search {self.spec.experiment}",
+            )
+            self.tracker.log_parent_files(paths, ANALYSIS_ARTIFACTS)
 
 
 class TrialTable(tune.Callback):
@@ -174,7 +238,7 @@ class TrialTable(tune.Callback):
                 *(short(trial.config.get(name)) for name in self.columns),
                 short(last.get(TIME_ATTR)),
                 percent(last.get(METRIC)),
-                percent(last.get("val_rank1")),
+                percent(last.get(VAL_RANK1)),
                 percent(trial.metric_analysis.get(METRIC, {}).get("max")),
             )
         return table

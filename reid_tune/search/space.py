@@ -8,8 +8,8 @@ Relative paths are taken from the current working directory, as on the command l
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -212,7 +212,8 @@ class TrainSpec(_Strict):
         return {"train_iterations": self.train_iterations, **(self.model_extra or {})}
 
 
-StartPoint = Literal["paper"] | dict[str, Scalar]
+StartPoint = Literal["paper"] | dict[str, Scalar | bool]
+BASELINE_KEY = "baseline"  # in a start point: `baseline: true` trains it to the end and compares with it
 
 
 class SchedulerSpec(_Strict):
@@ -228,9 +229,12 @@ class SearchSection(_Strict):
 
     searcher: Literal["tpe", "random"] = "tpe"
     seed: int = 0
+    startup_trials: Annotated[int, Field(ge=0)] = 10  # TPE samples at random until this many trials ended
+    stopped_as: Literal["pruned", "complete"] = "pruned"  # "complete": Ray's OptunaSearch, to compare
     start_points: list[StartPoint] = ["paper"]
     scheduler: SchedulerSpec = SchedulerSpec()
     num_samples: Annotated[int, Field(ge=1)] = 8
+    max_images: Annotated[int, Field(ge=1)] | None = None  # no new trial once the trials trained this many
     max_concurrent_trials: Annotated[int, Field(ge=1)] = 1
     max_failures: Annotated[int, Field(ge=0)] = 2
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
@@ -284,11 +288,21 @@ class SearchSpec(_Strict):
         """The registered-model name ``promote`` uses (default: the search's name)."""
         return self.mlflow.registered_model or self.experiment
 
+    def written_points(self) -> list[dict[str, Any]]:
+        """The starting points as written, with ``paper`` spelled out: the paper's settings, and for a
+        searched ``embedding_dim``, ``head`` or ``network`` TriNet's (TrainConfig's defaults)."""
+        params = self.params
+        trinet = {f.name: f.default for f in fields(TrainConfig) if f.name in INT_PARAMS[2:] + STR_PARAMS}
+        paper = {**PAPER_POINT, **{k: v for k, v in trinet.items() if k in params and params[k].searched}}
+        return [paper if p == "paper" else p for p in self.search.start_points]
+
     def start_points(self) -> list[dict[str, Any]]:
         """The starting points with ``paper`` spelled out (only the searched parameters)."""
-        points = [PAPER_POINT if p == "paper" else p for p in self.search.start_points]
         params = self.params
-        return [{k: v for k, v in p.items() if params[k].searched} for p in points]
+        return [
+            {k: v for k, v in p.items() if k != BASELINE_KEY and params[k].searched}
+            for p in self.written_points()
+        ]
 
     def paper_point(self) -> dict[str, Any] | None:
         """The searched values of the paper's settings, when they are a starting point."""
@@ -297,6 +311,14 @@ class SearchSpec(_Strict):
             if "paper" in self.search.start_points
             else None
         )
+
+    def baseline_points(self) -> list[dict[str, Any]]:
+        """The start points that always train their full budget: the paper's and those marked baseline."""
+        return [
+            point
+            for raw, point in zip(self.search.start_points, self.start_points())
+            if raw == "paper" or raw.get(BASELINE_KEY) is True
+        ]
 
     def validation_split(self) -> ValidationSplit:
         """The seeded hold-out of training identities the search validates on (a pure function of the
@@ -498,22 +520,41 @@ def check_files(spec: SearchSpec, path: Path, lines: dict[tuple[Any, ...], int])
 
 
 def check_points(spec: SearchSpec, path: Path, lines: dict[tuple[Any, ...], int]) -> None:
-    """Every starting point names searched parameters with values inside the space."""
-    for i, point in enumerate(spec.search.start_points):
-        for name, value in (PAPER_POINT if point == "paper" else point).items():
-            param = spec.params.get(name)
-            if param is None:
-                raise _located(
-                    path, lines, ("search", "start_points", i, name), f"{value!r}: {name} is not in space:"
-                )
-            if not param.contains(value):
-                label = "the paper's " if point == "paper" else ""
-                raise _located(
-                    path,
-                    lines,
-                    ("search", "start_points", i),
-                    f"{label}{name}={value!r}: outside space.{name} = {param.describe()}",
-                )
+    """Every starting point gives each searched parameter a value inside the space, and nothing else
+    (``baseline: true|false`` aside)."""
+    params = spec.params
+    for i, (raw, point) in enumerate(zip(spec.search.start_points, spec.written_points())):
+        where = ("search", "start_points", i)
+        label = "the paper's " if raw == "paper" else ""
+        for name, value in point.items():
+            _check_point_value(
+                name, value, params, lambda key, text: _located(path, lines, key, label + text), where
+            )
+        missing = [name for name, param in params.items() if param.searched and name not in point]
+        if missing:
+            raise _located(
+                path,
+                lines,
+                where,
+                f"{label}start point gives no {', '.join(missing)}: it needs every searched value",
+            )
+
+
+def _check_point_value(
+    name: str,
+    value: Any,
+    params: dict[str, Param],
+    error: Callable[..., ReidTuneError],
+    where: tuple[Any, ...],
+) -> None:
+    """Raise ``error(location, message)`` when ``name: value`` cannot be in the start point at ``where``."""
+    if name == BASELINE_KEY:
+        if not isinstance(value, bool):
+            raise error((*where, name), f"{value!r}: expected true or false")
+    elif name not in params:
+        raise error((*where, name), f"{value!r}: {name} is not in space:")
+    elif not params[name].contains(value):
+        raise error(where, f"{name}={value!r}: outside space.{name} = {params[name].describe()}")
 
 
 def check_batch(spec: SearchSpec, path: Path, lines: dict[tuple[Any, ...], int], train_ids: int) -> None:

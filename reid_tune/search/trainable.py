@@ -32,15 +32,17 @@ from reid_tune.train import CONFIG_FILE, TrainCallback, checkpoint_path, resolve
 from reid_tune.validation import SPLIT_FILES, ValidationSplit, validate
 
 METRIC = "val_mAP"  # the search objective, maximised
+VAL_RANK1 = "val_rank1"  # validation rank-1, reported beside it
 TIME_ATTR = "step"  # training iterations, the scheduler's clock
 VALIDATION_FILE = "validation.json"  # in each checkpoint folder: step, mAP, CMC, ...
 STATE_FILE = "reid_tune_search.json"  # in the search's folder: its MLflow parent run and tracking URI
 SPLIT_ARTIFACT = "validation_split"  # the parent run's artifact folder of the split's CSVs
 TRAIN_LOG_KEY = "train_log"  # per-iteration statistics since the previous report, as JSON text
 NODE_KEY = "node_id"  # the Ray node whose rank-0 worker made the report: where the trial trained
+IMAGES_KEY = "train_images"  # training images of the trial so far (iterations x P x K): its compute
 _VALIDATION_KEYS = {
     "mAP": METRIC,
-    "rank-1": "val_rank1",
+    "rank-1": VAL_RANK1,
     "rank-5": "val_rank5",
     "rank-10": "val_rank10",
     "mINP": "val_mINP",
@@ -96,6 +98,7 @@ class _Reporter(TrainCallback):
             TIME_ATTR: step,
             TRAIN_LOG_KEY: json.dumps(self.records),
             NODE_KEY: ray.get_runtime_context().get_node_id(),
+            IMAGES_KEY: step * self.cfg.batch_size,
         }
         self.records = []
         if ray.train.get_context().get_world_rank() != 0:

@@ -1,8 +1,9 @@
 """The search: an Optuna-guided Ray Tune run of :func:`run_trial`, with ASHA, tracked in MLflow.
 
 ``run_search`` validates the file, checks the tracking store, draws the validation split, connects to
-Ray, builds the Tuner (:func:`build_tuner`) or restores it (``resume``), and summarises the best
-trial against the paper's settings on the same validation split.
+Ray, builds the Tuner (:func:`build_tuner`: the searcher and scheduler of :mod:`algorithms`, the
+MLflow callbacks) or restores it (``resume``), and summarises the best trial against the paper's
+settings on the same validation split (:mod:`summary`).
 """
 
 from __future__ import annotations
@@ -13,26 +14,24 @@ import os
 import socket
 import tempfile
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import optuna
 import ray
 from ray import tune
 from ray.tune import ExperimentAnalysis
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from reid_tune.errors import ReidTuneError
 from reid_tune.search import storage
-from reid_tune.search.callbacks import MlflowLogger, TrialTable, matches_point
+from reid_tune.search.algorithms import PruningOptunaSearch, build_scheduler, build_searcher
+from reid_tune.search.callbacks import MlflowLogger, SearchReport, TrialTable
 from reid_tune.search.space import SearchSpec, load_spec
+from reid_tune.search.summary import SearchSummary, summarize, summary_metrics, summary_tags
 from reid_tune.search.trainable import (
+    IMAGES_KEY,
     METRIC,
     SPLIT_ARTIFACT,
     STATE_FILE,
-    TIME_ATTR,
     SearchPaths,
     run_trial,
 )
@@ -42,30 +41,6 @@ from reid_tune.validation import ValidationSplit, write_split
 _UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
 STORAGE_TAG = "reid_tune.storage"  # on the parent run: the search's folder (or URI) in the storage
 DRIVER_CPUS = 0.01  # what a trial's Tune function holds while its TorchTrainer runs (Ray wants > 0)
-
-
-@dataclass(frozen=True)
-class TrialSummary:
-    """One trial's outcome: its sampled settings and best validation numbers."""
-
-    trial_id: str
-    status: str
-    config: dict[str, Any]
-    val_mAP: float | None
-    val_rank1: float | None
-    step: int | None
-
-
-@dataclass(frozen=True)
-class SearchSummary:
-    """How a search ended: every trial, the best one, and the trial of the paper's settings."""
-
-    experiment: str
-    parent_run_id: str
-    trials: list[TrialSummary]
-    interrupted: bool
-    best: TrialSummary | None
-    paper: TrialSummary | None
 
 
 # ---------------------------------------------------------------- Tune pieces
@@ -82,39 +57,22 @@ def param_space(spec: SearchSpec) -> dict[str, Any]:
     return {name: make[p.kind](p.values) for name, p in spec.params.items() if p.searched}
 
 
-def build_searcher(spec: SearchSpec) -> Any:
-    """Ray Tune's OptunaSearch with a seeded TPE (or random) sampler, starting from the given points."""
-    seed = spec.search.seed
-    sampler = (
-        optuna.samplers.TPESampler(seed=seed)
-        if spec.search.searcher == "tpe"
-        else optuna.samplers.RandomSampler(seed=seed)
-    )
-    return OptunaSearch(sampler=sampler, points_to_evaluate=spec.start_points() or None)
-
-
-def build_scheduler(spec: SearchSpec) -> Any:
-    """ASHA on validation mAP with the training iteration as its clock, or None."""
-    scheduler = spec.search.scheduler
-    if scheduler.type == "none":
-        return None
-    return ASHAScheduler(
-        time_attr=TIME_ATTR,
-        max_t=spec.train.train_iterations,
-        grace_period=scheduler.grace_period,
-        reduction_factor=scheduler.reduction_factor,
-    )
-
-
 def trainable(spec: SearchSpec, split: ValidationSplit) -> Any:
     """The Tune function with the spec and split bound; it barely uses a CPU itself (its Train workers do)."""
     return tune.with_resources(tune.with_parameters(run_trial, spec=spec, split=split), {"cpu": DRIVER_CPUS})
 
 
 def build_tuner(
-    spec: SearchSpec, paths: SearchPaths, split: ValidationSplit, callbacks: list[Any], *, resume: bool
+    spec: SearchSpec,
+    paths: SearchPaths,
+    split: ValidationSplit,
+    callbacks: list[Any],
+    *,
+    searcher: PruningOptunaSearch,
+    resume: bool,
 ) -> Any:
-    """A new Tuner for ``spec``, or the interrupted one restored from ``paths.root``."""
+    """A new Tuner for ``spec``, or the interrupted one restored from ``paths.root`` (with the searcher,
+    scheduler and callbacks it was created with, in their saved state)."""
     if resume and tune.Tuner.can_restore(paths.root):
         return tune.Tuner.restore(
             paths.root, trainable(spec, split), resume_unfinished=True, resume_errored=False
@@ -125,7 +83,7 @@ def build_tuner(
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode="max",
-            search_alg=build_searcher(spec),
+            search_alg=searcher,
             scheduler=build_scheduler(spec),
             num_samples=spec.search.num_samples,
             max_concurrent_trials=spec.search.max_concurrent_trials,
@@ -229,43 +187,6 @@ def _search_params(spec: SearchSpec) -> dict[str, Any]:
     return flat
 
 
-# ---------------------------------------------------------------- summary
-
-
-def _trial_summary(result: Any) -> TrialSummary:
-    """Best validation numbers over a trial's reports (a ResultGrid entry)."""
-    frame = result.metrics_dataframe
-    best = (
-        None
-        if frame is None or METRIC not in frame or frame[METRIC].isna().all()
-        else frame.loc[frame[METRIC].idxmax()]
-    )
-    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-    return TrialSummary(
-        trial_id=trial_id,
-        status="ERROR" if result.error else "TERMINATED",
-        config=dict(result.config or {}),
-        val_mAP=None if best is None else float(best[METRIC]),
-        val_rank1=None if best is None else float(best["val_rank1"]),
-        step=None if best is None else int(best[TIME_ATTR]),
-    )
-
-
-def summarize(spec: SearchSpec, results: Any, parent_run_id: str, *, interrupted: bool) -> SearchSummary:
-    """Rank the trials by their best validation mAP; pick out the paper's settings."""
-    trials = [_trial_summary(result) for result in results]
-    scored = [t for t in trials if t.val_mAP is not None]
-    paper = next((t for t in trials if matches_point(t.config, spec.paper_point())), None)
-    return SearchSummary(
-        experiment=spec.experiment,
-        parent_run_id=parent_run_id,
-        trials=trials,
-        interrupted=interrupted,
-        best=max(scored, key=lambda t: t.val_mAP, default=None),
-        paper=paper,
-    )
-
-
 # ---------------------------------------------------------------- the whole search
 
 
@@ -292,38 +213,27 @@ def run_search(
     split = spec.validation_split()
     tracker = start_tracking(spec, spec_file, paths, split, resume=resume, tracking_uri=tracking_uri)
     connect_ray(spec)
-    logger = MlflowLogger(
-        tracker.client.tracking_uri, spec.tracking_experiment, tracker.parent_run_id, spec, paths
-    )
-    tuner = build_tuner(spec, paths, split, [logger, TrialTable(spec)], resume=resume)
+    searcher = build_searcher(spec)
+    run = (tracker.client.tracking_uri, spec.tracking_experiment, tracker.parent_run_id, spec)
+    callbacks = [MlflowLogger(*run, paths), SearchReport(*run, searcher), TrialTable(spec)]
+    tuner = build_tuner(spec, paths, split, callbacks, searcher=searcher, resume=resume)
     results = tuner.fit()
-    interrupted = _unfinished(paths, spec.search.num_samples)
+    interrupted = _unfinished(paths, spec)
     summary = summarize(spec, results, tracker.parent_run_id, interrupted=interrupted)
     tracker.finish(
-        metrics=_summary_metrics(summary),
-        tags=_summary_tags(summary),
+        metrics=summary_metrics(summary),
+        tags=summary_tags(summary),
         status="KILLED" if interrupted else "FINISHED",
     )
     return summary
 
 
-def _unfinished(paths: SearchPaths, num_samples: int) -> bool:
-    """Whether the saved search still has trials to run or to start (it was interrupted)."""
+def _unfinished(paths: SearchPaths, spec: SearchSpec) -> bool:
+    """Whether the saved search still has trials to run or to start (it was interrupted), rather than
+    all its trials done or its ``max_images`` spent."""
     trials = ExperimentAnalysis(paths.root).trials
-    return len(trials) < num_samples or any(trial.status in _UNFINISHED for trial in trials)
-
-
-def _summary_metrics(summary: SearchSummary) -> dict[str, float]:
-    metrics = {}
-    if summary.best is not None:
-        metrics.update(best_val_mAP=summary.best.val_mAP, best_val_rank1=summary.best.val_rank1)
-    if summary.paper is not None and summary.paper.val_mAP is not None:
-        metrics.update(paper_val_mAP=summary.paper.val_mAP, paper_val_rank1=summary.paper.val_rank1)
-    return metrics
-
-
-def _summary_tags(summary: SearchSummary) -> dict[str, str]:
-    tags = {"reid_tune.best_trial_id": summary.best.trial_id} if summary.best else {}
-    if summary.paper is not None:
-        tags["reid_tune.paper_trial_id"] = summary.paper.trial_id
-    return tags
+    if any(trial.status in _UNFINISHED for trial in trials):
+        return True
+    spent = sum((trial.last_result or {}).get(IMAGES_KEY, 0) for trial in trials)
+    budget = spec.search.max_images
+    return len(trials) < spec.search.num_samples and (budget is None or spent < budget)
