@@ -4,6 +4,8 @@ and of the two data paths.
     python benchmarks/bench_train.py                # one GPU, TriNet at 256x128: meant to take ~6 min on an H200
     python benchmarks/bench_train.py --smoke        # a tiny network on the CPU, under a minute (CI)
     python benchmarks/bench_train.py --only share --processes 1,2,4,6 --share-batch 18x4
+    python benchmarks/bench_train.py --device cpu --network lunet_small --input 128x64 \
+        --share-precision fp32 --only paths --seconds 30    # the data paths against the bare step on a CPU
 
 Needs PyTorch, torchvision, numpy and pillow only (no Ray, no MLflow) and runs from a checkout. A trial
 is ``reid_tune.train.build_step``'s step (CUDA graph or eager) fed a synthetic batch already on the
@@ -11,13 +13,18 @@ device; each runs in its own process, so N trials are N processes sharing the de
 same window after warm-up (graph capture, cuDNN autotuning). "CPU cores" is a process's CPU time over
 wall time in that window. The data table, on synthetic 128x64 JPEGs, times the one-time cache build,
 one batch of the device path (``DeviceBatches.batch``) against the CPU path's decoding and augmentation
-on one core (``PKBatches``), and a whole trial step fed by the device path. A configuration that runs
-out of memory is reported as OOM; any other failure is reported in its row and makes the exit status 1.
+on one core (``PKBatches``). The paths table times the share configuration's whole step in this process,
+fed three ways in turn for ``--rounds`` rounds (each feed's median round is shown): the bare step on a
+synthetic batch already on the device, the step fed by the decoded-cache path (``DeviceBatches``), and
+by the DataLoader path (``num_workers`` decoding processes, whose CPU time "CPU cores" leaves out), each
+also as a share of the bare step. A configuration that runs out of memory is reported as OOM; any other
+failure is reported in its row and makes the exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -26,7 +33,7 @@ import queue
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's r
 from reid_tune.config import TrainConfig  # noqa: E402
 from reid_tune.datasets import ReidDataset  # noqa: E402
 from reid_tune.gpu_data import DeviceBatches, cache_image_size, decode_cache  # noqa: E402
-from reid_tune.train import PKBatches, build_step, resolve_device  # noqa: E402
+from reid_tune.train import BatchSource, PKBatches, build_step, open_batches, resolve_device  # noqa: E402
 
 CHUNK = 10  # calls between device synchronisations while timing
 TRIAL_TIMEOUT_S = 600  # a trial process that has not reported by then counts as hung
-TABLES = ("steps", "share", "data")
+TABLES = ("steps", "share", "data", "paths")
 
 
 @dataclass(frozen=True)
@@ -202,13 +209,19 @@ def synthetic_jpegs(folder: Path, count: int, *, per_id: int = 8) -> ReidDataset
     return ReidDataset(np.array([fid[:4] for fid in fids]), np.array(fids), "synthetic")
 
 
-def data_table(args: argparse.Namespace) -> list[list[str]]:
-    """The one-time cache build, a device-path batch, a CPU-path batch on one core, and a whole trial step."""
-    device = resolve_device(args.device)
+@contextlib.contextmanager
+def jpeg_trial(args: argparse.Namespace) -> Iterator[tuple[ReidDataset, TrainConfig]]:
+    """``--data-images`` synthetic JPEGs in a temporary folder, and the share configuration training on them."""
     trial = step_config(args, args.share_precision, args.share_batch, args.graph_modes[0])
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
         dataset = synthetic_jpegs(Path(folder), args.data_images)
-        cfg = trial.replace(image_root=folder, cache_dir=f"{folder}/cache")
+        yield dataset, trial.replace(image_root=folder, cache_dir=f"{folder}/cache", num_workers=args.num_workers)
+
+
+def data_table(args: argparse.Namespace) -> list[list[str]]:
+    """The one-time cache build, a device-path batch and a CPU-path batch on one core."""
+    device = resolve_device(args.device)
+    with jpeg_trial(args) as (dataset, cfg):
         rows = [_cache_build_row(dataset, cfg)]
         placements = [(f"on {device}", 0.0)] + ([("in host memory", 1e9)] if device.type == "cuda" else [])
         for where, headroom in placements:
@@ -217,11 +230,37 @@ def data_table(args: argparse.Namespace) -> list[list[str]]:
             timing = timed(lambda: batches.batch(next(steps)), cfg.batch_size, args.seconds / 2, device)
             rows.append([f"device path: DeviceBatches.batch, cache {where}", str(device), *_cells(timing)])
         rows.append(_cpu_path_row(dataset, cfg, args.seconds / 2))
-        batches = DeviceBatches.from_dataset(dataset, cfg, device)
-        timing = time_steps(trial, seconds=args.seconds, warmup=args.warmup, batch=batches.batch)
-        kind = "graph" if args.graph_modes[0] else "eager"
-        rows.append([f"trial: device path + {args.share_precision} {kind} step", str(device), *_cells(timing)])
     return rows
+
+
+def paths_table(args: argparse.Namespace) -> list[list[str]]:
+    """The whole step on a synthetic batch (bare), fed by the decoded cache, and fed by the DataLoader.
+
+    ``--rounds`` rounds each time the three in turn, and each feed's median round is reported, so a load
+    that comes and goes on a shared machine hits the three alike. A feed is opened for its window only:
+    DataLoader workers never run in another feed's window.
+    """
+    device = resolve_device(args.device)
+    feeds = {f"bare step: a synthetic batch on {device}": None, "decoded-cache path: DeviceBatches": "device",
+             f"DataLoader path: JPEGs, {args.num_workers} workers": "cpu"}
+    timings: dict[str, list[Timing]] = {name: [] for name in feeds}
+    with jpeg_trial(args) as (dataset, cfg):
+        for _, (name, data_path) in itertools.product(range(args.rounds), feeds.items()):
+            batch = _fed(open_batches(dataset, cfg.replace(data_path=data_path), device)) if data_path else None
+            window = args.seconds / args.rounds
+            timings[name].append(time_steps(cfg, seconds=window, warmup=args.warmup, batch=batch))
+            del batch  # stops the DataLoader's workers
+    medians = {name: sorted(rounds, key=lambda t: t.images_per_s)[len(rounds) // 2]
+               for name, rounds in timings.items()}
+    bare = next(iter(medians.values())).images_per_s
+    return [[name, f"{t.images_per_s:,.0f}", f"{t.images_per_s / bare:.0%}", f"{t.ms_per_call:.1f}",
+             f"{t.cpu_cores:.2f}"] for name, t in medians.items()]
+
+
+def _fed(source: BatchSource) -> Batch:
+    """The batches of ``source`` in step order from step 0, one per call."""
+    stream = source(0)
+    return lambda _step: next(stream)[1:]
 
 
 def _cache_build_row(dataset: ReidDataset, cfg: TrainConfig) -> list[str]:
@@ -303,7 +342,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share-precision", default="bf16")
     parser.add_argument("--seconds", type=float, default=6.0, help="timed window per configuration")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
-    parser.add_argument("--data-images", type=int, default=4096, help="synthetic JPEGs for the data table")
+    parser.add_argument("--data-images", type=int, default=4096, help="synthetic JPEGs for the data tables")
+    parser.add_argument("--num-workers", type=int, default=TrainConfig.num_workers,
+                        help="decoding processes of the DataLoader path (paths table)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the paths table (median reported)")
     parser.add_argument("--only", type=_list(str), default=list(TABLES), help="tables to print")
     parser.add_argument("--smoke", action="store_true", help="lunet_small, 64x32, P=4 K=2, 2 trials, CPU")
     args = parser.parse_args(argv)
@@ -313,7 +355,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.device, args.network, args.input, args.precisions = "cpu", "lunet_small", (64, 32), ["fp32"]
         args.batches, args.share_batch, args.share_precision = [(4, 2)], (4, 2), "fp32"
-        args.processes, args.seconds, args.warmup, args.data_images = [2], 0.5, 2, 64
+        args.processes, args.seconds, args.warmup, args.data_images, args.rounds = [2], 0.5, 2, 64, 1
     on_gpu = resolve_device(args.device).type == "cuda"
     graph = args.graph or ("both" if on_gpu else "off")
     args.graph_modes = {"on": [True], "off": [False], "both": [True, False]}[graph]
@@ -328,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{', compiled' if args.compile else ''}")
     failed = False
     timing_header = ["images/s", "ms/step", "CPU cores"]
+    p, k = args.share_batch
+    share = f"{args.share_precision}, {p}x{k}, {'graph' if args.graph_modes[0] else 'eager'}"
     if "steps" in args.only:
         rows, bad = step_table(args)
         print_table("One trial (synthetic batches on the device)",
@@ -335,14 +379,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed |= bad
     if "share" in args.only:
         rows, bad = share_table(args)
-        p, k = args.share_batch
-        print_table(f"Trials sharing {device} ({args.share_precision}, {p}x{k}, "
-                    f"{'graph' if args.graph_modes[0] else 'eager'}): images/s summed",
-                    ["trials", *timing_header], rows)
+        print_table(f"Trials sharing {device} ({share}): images/s summed", ["trials", *timing_header], rows)
         failed |= bad
     if "data" in args.only:
-        print_table(f"Data paths ({args.share_batch[0]}x{args.share_batch[1]} batches, synthetic 128x64 JPEGs)",
+        print_table(f"Data paths ({p}x{k} batches, synthetic 128x64 JPEGs)",
                     ["per call", "on", "images/s", "ms/call", "CPU cores"], data_table(args))
+    if "paths" in args.only:
+        print_table(f"Whole steps by data path ({share}, synthetic 128x64 JPEGs)",
+                    ["step fed by", "images/s", "of bare", *timing_header[1:]], paths_table(args))
     return 1 if failed else 0
 
 

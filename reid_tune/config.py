@@ -60,8 +60,8 @@ class TrainConfig:
     channels_last: bool | None = None  # None = on a GPU only
     num_workers: int = 2  # image decoding processes (the cpu data path)
     # data path: "cpu" decodes JPEGs every step in num_workers processes; "device" decodes the set once
-    # into a uint8 cache and augments on the device (reid_tune.gpu_data); "auto": device on a GPU when
-    # the cache takes at most cache_limit_gib
+    # into a uint8 cache and augments on the device, GPU or CPU (reid_tune.gpu_data); "auto": device
+    # whenever the cache takes at most cache_limit_gib, else cpu
     data_path: str = "auto"
     cache_dir: str = ""  # node-local folder of decoded caches; "" = $REID_TUNE_CACHE or ~/.cache/reid-tune
     cache_limit_gib: float = 64.0  # the largest cache data_path=auto uses (GiB of uint8 pixels)

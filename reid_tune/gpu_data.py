@@ -1,12 +1,13 @@
 """The device data path: the training set decoded once into a uint8 cache, PK batches augmented on the device.
 
 Decoding Market-1501's JPEGs costs about one CPU core per 5,000 images/s, more than a fast GPU step
-leaves. So every image is decoded and resized to the pre-crop size once, into a node-local ``.npy``
-file that concurrent trials build once (under a file lock, written atomically) and then map. A trial
-holds the cache on its GPU (or, when that lacks room, in host memory, shipping uint8 batches) and
-gathers, flips, crops and normalises each PK batch there: no per-step CPU work beyond index
-arithmetic. The pixels equal the CPU path's for the same flip and crop, but the random draws come from
-a torch generator seeded by (seed, step), not numpy's per-image streams: a run keeps one path
+leaves, and on a CPU-only machine the decoding workers take cores from the step itself. So every image
+is decoded and resized to the pre-crop size once, into a node-local ``.npy`` file that concurrent
+trials build once (under a file lock, written atomically) and then map. A GPU trial holds the cache on
+its GPU (or, when that lacks room, in host memory, shipping uint8 batches); a CPU trial maps the file.
+Each PK batch is gathered, flipped, cropped and normalised by a few tensor operations on the device:
+no decoding per step. The pixels equal the CPU path's for the same flip and crop, but the random draws
+come from a torch generator seeded by (seed, step), not numpy's per-image streams: a run keeps one path
 throughout (``TrainConfig.data_path``), so resume stays exact.
 """
 
@@ -53,15 +54,13 @@ def cache_bytes(num_images: int, size: tuple[int, int]) -> int:
     return num_images * 3 * size[0] * size[1]
 
 
-def resolve_data_path(cfg: TrainConfig, device: torch.device, num_images: int) -> str:
-    """``cpu`` or ``device``; ``auto`` is ``device`` on a GPU when the cache is at most ``cache_limit_gib``.
-
-    A function of the options, the device type and the set's size only, so a resumed run takes the same path.
+def resolve_data_path(cfg: TrainConfig, num_images: int) -> str:
+    """``cpu`` or ``device``; ``auto`` is ``device`` (on a GPU and on the CPU) when the cache is at most
+    ``cache_limit_gib``. A function of the options and the set's size only, so a resumed run takes the same path.
     """
     if cfg.data_path != "auto":
         return cfg.data_path
-    small = cache_bytes(num_images, cache_image_size(cfg)) <= cfg.cache_limit_gib * GIB
-    return "device" if device.type == "cuda" and small else "cpu"
+    return "device" if cache_bytes(num_images, cache_image_size(cfg)) <= cfg.cache_limit_gib * GIB else "cpu"
 
 
 # ---------------------------------------------------------------- the decoded cache
@@ -190,7 +189,7 @@ class DeviceBatches:
         return self.cfg.train_iterations
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised float images (B, 3, H, W), channels_last, and int64 labels (B,), both on the device."""
+        """Normalised float images (B, 3, H, W) and int64 labels (B,), both on the device."""
         cfg, indices = self.cfg, self.sampler.batch(step)
         uint8 = self.images.index_select(0, _moved(torch.from_numpy(indices), self.images.device))
         self.generator.manual_seed(step_seed(cfg.seed, step))

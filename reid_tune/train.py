@@ -6,10 +6,11 @@ checkpoint, stop. A run folder holds ``config.json`` (every option), ``checkpoin
 checkpoint and reaches the same state as an uninterrupted run, since every batch and every augmentation
 is a pure function of (seed, step).
 
-On a GPU the step is one CUDA graph replay (:class:`GraphedTrainStep`, bf16 autocast, channels_last)
-and batches come from a decoded uint8 cache augmented on the GPU (``reid_tune.gpu_data``), so the loop
-neither waits for the host nor needs more than one CPU core; the eager step and the DataLoader path
-remain behind ``cuda_graph`` and ``data_path``.
+On a GPU the step is one CUDA graph replay (:class:`GraphedTrainStep`, bf16 autocast, channels_last).
+On a GPU and on the CPU, batches come from a decoded uint8 cache augmented on the device
+(``reid_tune.gpu_data``) whenever it fits ``cache_limit_gib``: no JPEG is decoded per step, so a GPU
+loop neither waits for the host nor needs more than one CPU core, and a CPU loop leaves every core to
+the step. The eager step and the DataLoader path remain behind ``cuda_graph`` and ``data_path``.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ BatchSource = Callable[[int], Iterator[Any]]  # start step -> (step, images, lab
 def open_batches(dataset: ReidDataset, cfg: TrainConfig, device: torch.device, *, rank: int = 0,
                  world_size: int = 1) -> BatchSource:
     """The run's data path (see ``TrainConfig.data_path``): decoded cache on the device, or a DataLoader."""
-    if resolve_data_path(cfg, device, len(dataset)) == "device":
+    if resolve_data_path(cfg, len(dataset)) == "device":
         return DeviceBatches.from_dataset(dataset, cfg, device, rank=rank, world_size=world_size).stream
     batches = PKBatches(dataset, cfg, rank=rank, world_size=world_size)
     return functools.partial(batch_stream, batches, num_workers=cfg.num_workers, pin=device.type == "cuda")

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decoded_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``$REID_TUNE_CACHE`` in this session's temporary folder: training with ``data_path: auto`` builds
+    decoded caches, which must not land in the user's home nor be shared with another test session.
+    Subprocesses and Ray trials inherit it."""
+    from reid_tune.gpu_data import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("decoded-cache")
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
 
 
 @pytest.fixture(scope="session")

@@ -19,13 +19,15 @@ def test_smoke_run_prints_its_tables(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert out.startswith("device cpu: no GPU; CPU: ")
-    for title in ("One trial", "Trials sharing cpu", "Data paths"):
+    for title in ("One trial", "Trials sharing cpu", "Data paths", "Whole steps by data path (fp32, 4x2, eager"):
         assert title in out
     assert re.search(r"^fp32\s+4x2\s+eager\s+[\d,]+\s+[\d.]+\s+[\d.]+$", out, re.MULTILINE), out
     assert re.search(r"^2\s+[\d,]+ \([\d,]+ \+ [\d,]+\)\s", out, re.MULTILINE), out
-    for path in ("device path: DeviceBatches.batch, cache on cpu", "cpu path: PKBatches",
-                 "trial: device path + fp32 eager step"):
+    for path in ("device path: DeviceBatches.batch, cache on cpu", "cpu path: PKBatches"):
         assert re.search(rf"^{re.escape(path)}.*\s[\d,]+\s+[\d.]+\s+[\d.]+$", out, re.MULTILINE), out
+    assert re.search(r"^bare step: a synthetic batch on cpu\s+[\d,]+\s+100%\s", out, re.MULTILINE), out
+    for feed in ("decoded-cache path: DeviceBatches", "DataLoader path: JPEGs, 2 workers"):
+        assert re.search(rf"^{re.escape(feed)}\s+[\d,]+\s+[\d,]+%\s+[\d.]+\s+[\d.]+$", out, re.MULTILINE), out
 
 
 def test_unknown_table_is_refused() -> None:

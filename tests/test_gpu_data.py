@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import torch
 from helpers import InterruptAt, weights
 
 from reid_tune import gpu_data
-from reid_tune.augmentation import resized, train_augment
+from reid_tune.augmentation import IMAGENET_MEAN, IMAGENET_STD, resized, train_augment
 from reid_tune.config import TrainConfig, config_from_dict
 from reid_tune.datasets import load_csv, load_image
 from reid_tune.errors import ReidTuneError
@@ -154,8 +155,7 @@ def _batches(cfg: TrainConfig, device: str = "cpu", **options: int) -> DeviceBat
 def test_device_batches_are_pk_batches_of_the_sampler(device_config: TrainConfig) -> None:
     batches = _batches(device_config)
     images, labels = batches.batch(3)
-    assert images.shape == (8, 3, 64, 32) and images.dtype == torch.float32
-    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert images.shape == (8, 3, 64, 32) and images.dtype == torch.float32 and images.is_contiguous()
     sampler = batches.sampler
     np.testing.assert_array_equal(labels.numpy(), sampler.labels(sampler.batch(3)))
     again, _ = _batches(device_config).batch(3)
@@ -176,6 +176,49 @@ def test_unaugmented_device_batches_equal_the_cpu_path(device_config: TrainConfi
     torch.testing.assert_close(images, want, rtol=0, atol=1e-6)
 
 
+class _Draws:
+    """A stand-in for the CPU path's numpy generator that draws the given flip, then top, then left."""
+
+    def __init__(self, flip: bool, top: int, left: int) -> None:
+        self.flip, self.offsets = flip, [top, left]
+
+    def random(self) -> float:
+        return 0.0 if self.flip else 0.9  # train_augment flips when random() < 0.5
+
+    def integers(self, low: int, high: int) -> int:
+        return self.offsets.pop(0)
+
+
+def _window(image: torch.Tensor, base: np.ndarray) -> tuple[bool, int, int]:
+    """(flipped, top, left) of the crop of ``base`` (H0, W0, 3) that ``image`` (3, H, W) normalises."""
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    pixels = torch.round((image * std + mean) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    height, width = pixels.shape[:2]
+    for flipped, top, left in itertools.product((False, True), range(base.shape[0] - height + 1),
+                                                range(base.shape[1] - width + 1)):
+        if np.array_equal((base[:, ::-1] if flipped else base)[top:top + height, left:left + width], pixels):
+            return flipped, top, left
+    raise AssertionError("the sample is no flip and crop of its image")
+
+
+def test_augmented_device_batches_are_flips_and_crops_of_the_cpu_path(device_config: TrainConfig) -> None:
+    """Each sample is exactly what the CPU path makes of its image for some flip and crop; all occur."""
+    cfg, batches = device_config, _batches(device_config)
+    fids, seen = load_csv(cfg.train_set).fids, set()
+    for step in range(10):
+        images, _ = batches.batch(step)
+        for image, index in zip(images, batches.sampler.batch(step)):
+            source = load_image(Path(cfg.image_root) / fids[index])
+            draws = _window(image, resized(source, cfg.pre_crop_size))
+            want = train_augment(source, _Draws(*draws), input_size=cfg.input_size,
+                                 pre_crop_size=cfg.pre_crop_size)
+            torch.testing.assert_close(image, want, rtol=0, atol=1e-6)
+            seen.add(draws)
+    assert {flipped for flipped, _, _ in seen} == {False, True}
+    assert {top for _, top, _ in seen} == set(range(cfg.pre_crop_height - cfg.input_height + 1))
+    assert {left for _, _, left in seen} == set(range(cfg.pre_crop_width - cfg.input_width + 1))
+
+
 def test_each_worker_gets_its_share_of_the_global_batch(device_config: TrainConfig) -> None:
     images, labels = _batches(device_config).batch(2)
     for rank in range(2):
@@ -184,12 +227,13 @@ def test_each_worker_gets_its_share_of_the_global_batch(device_config: TrainConf
         assert torch.equal(my_labels, labels[rank * 4:(rank + 1) * 4])
 
 
-def test_auto_takes_the_device_path_on_a_gpu_for_caches_within_the_limit(tiny_config: TrainConfig) -> None:
-    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert resolve_data_path(tiny_config, cpu, 48) == "cpu"
-    assert resolve_data_path(tiny_config, gpu, 48) == "device"
-    assert resolve_data_path(tiny_config.replace(cache_limit_gib=0.0), gpu, 48) == "cpu"
-    assert resolve_data_path(tiny_config.replace(data_path="device"), cpu, 48) == "device"
+def test_auto_takes_the_device_path_for_caches_within_the_limit(tiny_config: TrainConfig) -> None:
+    assert resolve_data_path(tiny_config, 48) == "device"  # 48 x 3 x 72 x 36 bytes, on a GPU or the CPU
+    assert resolve_data_path(tiny_config.replace(cache_limit_gib=0.0), 48) == "cpu"
+    assert resolve_data_path(tiny_config.replace(cache_limit_gib=48 * 3 * 72 * 36 / 2**30), 48) == "device"
+    assert resolve_data_path(tiny_config.replace(cache_limit_gib=47 * 3 * 72 * 36 / 2**30), 48) == "cpu"
+    assert resolve_data_path(tiny_config.replace(data_path="cpu"), 48) == "cpu"
+    assert resolve_data_path(tiny_config.replace(data_path="device", cache_limit_gib=0.0), 48) == "device"
 
 
 @pytest.mark.parametrize(("data", "message"), [
@@ -209,18 +253,6 @@ def test_a_cuda_graph_needs_a_gpu(tiny_config: TrainConfig, tmp_path: Path) -> N
 
 
 # ---------------------------------------------------------------- training
-
-
-@pytest.mark.slow
-def test_device_path_run_resumes_exactly(device_config: TrainConfig, tmp_path: Path) -> None:
-    whole = train(device_config, tmp_path / "whole")
-    cut = train(device_config, tmp_path / "cut", callback=InterruptAt(4))
-    assert cut.interrupted and cut.step == 4
-    resumed = train(None, tmp_path / "cut", resume=True)
-    a, b = weights(whole.checkpoint), weights(resumed.checkpoint)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
-    assert len(list(Path(device_config.cache_dir).glob("*.npy"))) == 1
 
 
 def test_eager_step_is_plain_pytorch(tiny_config: TrainConfig) -> None:

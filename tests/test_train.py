@@ -14,11 +14,15 @@ from reid_tune.errors import ReidTuneError
 from reid_tune.train import list_checkpoints, load_model, train
 
 
-def test_interrupted_then_resumed_run_equals_uninterrupted(tiny_config: TrainConfig, tmp_path: Path) -> None:
-    whole = train(tiny_config, tmp_path / "whole")
+@pytest.mark.parametrize("data_path", ["auto", "cpu"])
+def test_interrupted_then_resumed_run_equals_uninterrupted(tiny_config: TrainConfig, tmp_path: Path,
+                                                           data_path: str) -> None:
+    """On the CPU, ``auto`` takes the decoded cache (built once for the three runs), ``cpu`` the DataLoader."""
+    cfg = tiny_config.replace(data_path=data_path, cache_dir=str(tmp_path / "cache"))
+    whole = train(cfg, tmp_path / "whole")
     assert not whole.interrupted and whole.step == 6
 
-    cut = train(tiny_config, tmp_path / "cut", callback=InterruptAt(2))
+    cut = train(cfg, tmp_path / "cut", callback=InterruptAt(2))
     assert cut.interrupted and cut.step == 2 and cut.checkpoint.name == "checkpoint-000002.pt"
     resumed = train(None, tmp_path / "cut", resume=True)
     assert resumed.step == 6 and not resumed.interrupted
@@ -26,6 +30,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(tiny_config: TrainCon
     a, b = weights(whole.checkpoint), weights(resumed.checkpoint)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == (data_path == "auto")
 
 
 def test_run_folder_holds_options_checkpoints_and_log(tiny_config: TrainConfig, tmp_path: Path) -> None:
