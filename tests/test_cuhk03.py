@@ -37,6 +37,7 @@ def test_training_beats_an_untrained_network(shared_data: Path, tmp_path: Path) 
     result = train(cfg, tmp_path / "run")
     after = _val_result(load_model(result.checkpoint)[0], cfg, tmp_path, root)
 
-    # measured: untrained 3.0% mAP; 250 iterations about 10%; 2,000 iterations 19.8% (see README)
-    assert after.mAP > 2.5 * before.mAP, (before.summary(), after.summary())
+    # measured: untrained 3.0% mAP; these 200 iterations 6.7-7.6% (either data path, by thread count);
+    # 2,000 iterations 19.8% (see README)
+    assert after.mAP > 2 * before.mAP, (before.summary(), after.summary())
     assert after.rank(1) > before.rank(1)
