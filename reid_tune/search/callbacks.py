@@ -66,12 +66,22 @@ def best_checkpoint(paths: SearchPaths, trial_id: str) -> tuple[str, dict[str, A
     return folder, summary
 
 
-class MlflowLogger(tune.Callback):
-    """Logs each trial into its nested MLflow run: parameters, per-iteration statistics, validation
-    mAP/CMC per validation and, when it ends, its best checkpoint with embeddings and CMC plot.
+class _ParentRunCallback(tune.Callback):
+    """A driver callback that writes to the search's MLflow runs; Tune pickles callbacks (and restores
+    them on resume), so the MLflow client is made in ``setup``."""
 
-    Tune pickles its callbacks (and restores them on resume), so the MLflow client is made in ``setup``.
-    """
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, spec: SearchSpec) -> None:
+        self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
+        self.spec = spec
+        self.tracker: SearchTracker | None = None
+
+    def setup(self, **info: Any) -> None:
+        self.tracker = SearchTracker.open(self.tracking_uri, self.experiment, self.parent_run_id)
+
+
+class MlflowLogger(_ParentRunCallback):
+    """Logs each trial into its nested MLflow run: parameters, per-iteration statistics, validation
+    mAP/CMC per validation and, when it ends, its best checkpoint with embeddings and CMC plot."""
 
     def __init__(
         self,
@@ -81,12 +91,8 @@ class MlflowLogger(tune.Callback):
         spec: SearchSpec,
         paths: SearchPaths,
     ) -> None:
-        self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
-        self.spec, self.paths = spec, paths
-        self.tracker: SearchTracker | None = None
-
-    def setup(self, **info: Any) -> None:
-        self.tracker = SearchTracker.open(self.tracking_uri, self.experiment, self.parent_run_id)
+        super().__init__(tracking_uri, experiment, parent_run_id, spec)
+        self.paths = paths
 
     def _open(self, trial: Trial) -> None:
         cfg = trial_config(self.spec, trial.config)
@@ -127,7 +133,7 @@ class MlflowLogger(tune.Callback):
             self.tracker.finish_trial(trial.trial_id, folder, failed=failed)
 
 
-class SearchReport(tune.Callback):
+class SearchReport(_ParentRunCallback):
     """Keeps the parent run's search-level analysis (``search/``: history, importance and parallel
     coordinates plots, trials.csv) current: redrawn whenever a trial ends, and once more at the end.
 
@@ -144,14 +150,10 @@ class SearchReport(tune.Callback):
         spec: SearchSpec,
         searcher: PruningOptunaSearch,
     ) -> None:
-        self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
-        self.spec, self.searcher = spec, searcher
+        super().__init__(tracking_uri, experiment, parent_run_id, spec)
+        self.searcher = searcher
         self.searched = [name for name, param in spec.params.items() if param.searched]
-        self.tracker: SearchTracker | None = None
         self._ended: dict[str, str] = {}  # trial id -> TERMINATED or ERROR, before Tune sets it
-
-    def setup(self, **info: Any) -> None:
-        self.tracker = SearchTracker.open(self.tracking_uri, self.experiment, self.parent_run_id)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._ended[trial.trial_id] = Trial.TERMINATED
