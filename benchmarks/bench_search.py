@@ -204,7 +204,7 @@ class Outcome:
     method: str
     seed: int
     curve: list[BudgetPoint]
-    images: int  # spent in all (a search may overshoot max_images by the trials running then)
+    images: int  # spent in all (past max_images by what the running trials trained until their next report)
     trials: int
     val_mAP: float  # the final choice's best validation mAP
     test_mAP: float

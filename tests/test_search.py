@@ -31,6 +31,7 @@ from reid_tune.cli import main
 from reid_tune.errors import ReidTuneError
 from reid_tune.promote import promote
 from reid_tune.search import run_search
+from reid_tune.search.space import PAPER_POINT
 from reid_tune.search.summary import SearchSummary
 from reid_tune.search.tuner import start_local_ray
 from reid_tune.synthetic import generate_demo
@@ -314,11 +315,19 @@ def test_resume_after_interrupt_finishes_without_duplicates(
     assert [(row["tune_status"], row["optuna_state"]) for row in rows] == [("TERMINATED", "COMPLETE")] * 2
 
 
-def test_max_images_ends_the_search_early_not_interrupted(data: Path, tmp_path: Path) -> None:
+def test_max_images_stops_the_search_but_not_the_baseline(data: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    search = {"num_samples": 3, "max_concurrent_trials": 1, "max_images": 1000, "scheduler": {"type": "none"}}
+    other = {**PAPER_POINT, "margin": 0.2}  # not a baseline
+    search = {
+        "start_points": ["paper", other],
+        "num_samples": 4,
+        "max_images": 700,
+        "scheduler": {"type": "none"},
+    }
     summary = run_search(write_space(tmp_path, data, "thrifty", tracking_uri=uri, search=search))
-    assert [t.config for t in summary.trials] == [summary.paper.config]  # 20 x 18 x 4 = 1440 images
+    # the first validation (step 10, 720 images) spends the budget: the other point stops there, whichever
+    # trial reported first, and the paper's settings train their 20 iterations
+    assert {t.config["margin"]: t.iterations for t in summary.trials} == {"soft": 20, 0.2: 10}
     assert not summary.interrupted and summary.paper.full_budget
     assert parent_run(MlflowClient(uri), "thrifty").info.status == "FINISHED"
     assert_study_matches_tune(tmp_path / "ray_results" / "thrifty", budget=20)

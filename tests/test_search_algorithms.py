@@ -23,6 +23,7 @@ from rich.console import Console
 from reid_tune.search import analysis
 from reid_tune.search.algorithms import (
     BaselineASHA,
+    ImageBudget,
     PruningOptunaSearch,
     build_scheduler,
     build_searcher,
@@ -132,6 +133,21 @@ def test_without_max_images_it_never_finishes() -> None:
     searcher.suggest("t1")
     searcher.on_trial_result("t1", _result(20, 0.4, batch=10**9))
     assert isinstance(searcher.suggest("t2"), dict)
+
+
+def test_image_budget_stops_running_trials_but_the_baselines() -> None:
+    spec = _spec(max_images=1000, start_points=["paper", OTHER_POINT])
+    searcher = build_searcher(spec)
+    searcher.set_search_properties(METRIC, "max", param_space(spec))
+    stopper = ImageBudget(searcher, spec.baseline_points())
+    paper, other = searcher.suggest("paper"), searcher.suggest("other")
+    # Tune asks the stopper first, with the trial's config in the result
+    assert not stopper("paper", {**_result(10, 0.3), "config": paper})  # 720 images
+    assert not stopper("other", {**_result(10, 0.2, batch=18), "config": other})  # 720 + 180
+    assert stopper("other", {**_result(20, 0.2, batch=18), "config": other})  # 720 + 360: spent
+    assert not stopper("paper", {**_result(20, 0.4), "config": paper})  # a baseline trains its budget
+    assert searcher.images_spent == 20 * 72 + 20 * 18 and not stopper.stop_all()
+    assert searcher.suggest("next") == Searcher.FINISHED
 
 
 def test_start_points_are_suggested_first() -> None:

@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
 
 from reid_tune.search.space import SearchSpec
 from reid_tune.search.trainable import IMAGES_KEY, METRIC, TIME_ATTR
@@ -60,8 +61,8 @@ class PruningOptunaSearch(OptunaSearch):
     """Ray Tune's OptunaSearch that reports validation mAP at the training step and tells a trial
     stopped before ``budget`` iterations as PRUNED; ``stopped_as="complete"`` keeps Ray's behaviour
     (for comparison only). With ``max_images`` it suggests no new trial once the trials have trained
-    that many images (running trials finish). Its study and image count survive ``--resume`` inside
-    Tune's searcher checkpoint."""
+    that many images (:class:`ImageBudget` stops the running ones). Its study and image count survive
+    ``--resume`` inside Tune's searcher checkpoint."""
 
     def __init__(
         self, *, budget: int, stopped_as: str = "pruned", max_images: int | None = None, **kwargs: Any
@@ -75,8 +76,17 @@ class PruningOptunaSearch(OptunaSearch):
         """Training images of all trials so far."""
         return sum(self.images.values())
 
+    @property
+    def budget_spent(self) -> bool:
+        """Whether the trials have trained the search's ``max_images`` (never without one)."""
+        return self.max_images is not None and self.images_spent >= self.max_images
+
+    def count_images(self, trial_id: str, result: dict) -> None:
+        """Record a trial's training images from a result (its most so far: a retry re-reports)."""
+        self.images[trial_id] = max(self.images.get(trial_id, 0), int(result.get(IMAGES_KEY, 0)))
+
     def suggest(self, trial_id: str) -> dict | str | None:
-        if self.max_images is not None and self.images_spent >= self.max_images:
+        if self.budget_spent:
             return Searcher.FINISHED
         return super().suggest(trial_id)
 
@@ -91,7 +101,7 @@ class PruningOptunaSearch(OptunaSearch):
         return None if trial is None else self._ot_study.get_trials(deepcopy=False)[trial.number]
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.images[trial_id] = max(self.images.get(trial_id, 0), int(result.get(IMAGES_KEY, 0)))
+        self.count_images(trial_id, result)
         if self.stopped_as == "complete":
             super().on_trial_result(trial_id, result)
             return
@@ -127,6 +137,23 @@ class BaselineASHA(ASHAScheduler):
         if action == TrialScheduler.STOP and protected and result.get(TIME_ATTR, 0) < self._max_t:
             return TrialScheduler.CONTINUE
         return action
+
+
+class ImageBudget(Stopper):
+    """Makes ``max_images`` a hard budget: once the trials have trained that many images, each running
+    trial stops at its next report, except the baselines, which still train their full budget. The
+    count is the searcher's, so it survives ``--resume`` with it."""
+
+    def __init__(self, searcher: PruningOptunaSearch, baselines: list[dict[str, Any]]) -> None:
+        self.searcher, self.baselines = searcher, baselines
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.searcher.count_images(trial_id, result)  # Tune asks the stopper before the searcher
+        protected = any(matches_point(result.get("config", {}), point) for point in self.baselines)
+        return self.searcher.budget_spent and not protected
+
+    def stop_all(self) -> bool:
+        return False  # the searcher starts no new trial and the baselines finish
 
 
 def build_searcher(spec: SearchSpec) -> PruningOptunaSearch:

@@ -234,7 +234,7 @@ class SearchSection(_Strict):
     start_points: list[StartPoint] = ["paper"]
     scheduler: SchedulerSpec = SchedulerSpec()
     num_samples: Annotated[int, Field(ge=1)] = 8
-    max_images: Annotated[int, Field(ge=1)] | None = None  # no new trial once the trials trained this many
+    max_images: Annotated[int, Field(ge=1)] | None = None  # trials stop once they trained this many
     max_concurrent_trials: Annotated[int, Field(ge=1)] = 1
     max_failures: Annotated[int, Field(ge=0)] = 2
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2

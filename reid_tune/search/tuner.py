@@ -23,7 +23,7 @@ from ray.tune import ExperimentAnalysis
 
 from reid_tune.errors import ReidTuneError
 from reid_tune.search import storage
-from reid_tune.search.algorithms import PruningOptunaSearch, build_scheduler, build_searcher
+from reid_tune.search.algorithms import ImageBudget, PruningOptunaSearch, build_scheduler, build_searcher
 from reid_tune.search.callbacks import MlflowLogger, SearchReport, TrialTable
 from reid_tune.search.space import SearchSpec, load_spec
 from reid_tune.search.summary import SearchSummary, summarize, summary_metrics, summary_tags
@@ -93,6 +93,7 @@ def build_tuner(
             name=paths.experiment,
             storage_path=paths.storage,
             callbacks=callbacks,
+            stop=ImageBudget(searcher, spec.baseline_points()),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
         ),
