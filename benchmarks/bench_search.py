@@ -1,7 +1,7 @@
 """Does the search earn its cost? The paper's settings against three searches, at the same budget of
 training images, on real data.
 
-    python benchmarks/bench_search.py            # CUHK03 from ../shared/data, about 50 min on 2 cores
+    python benchmarks/bench_search.py            # CUHK03 from ../shared/data, about 45 min on 2 cores
     python benchmarks/bench_search.py --smoke    # generated data, tiny trials, (a) and (d) only (CI)
 
 Every run goes through the product: a search-space YAML variant, ``run_search`` (real local Ray, SQLite
@@ -56,9 +56,9 @@ from reid_tune.search.analysis import (  # noqa: E402
 )
 from reid_tune.search.space import PAPER_POINT, load_spec  # noqa: E402
 from reid_tune.search.summary import SearchSummary  # noqa: E402
-from reid_tune.search.trainable import METRIC, VAL_RANK1, trial_config  # noqa: E402
+from reid_tune.search.trainable import trial_config  # noqa: E402
 from reid_tune.search.tuner import run_search, start_local_ray  # noqa: E402
-from reid_tune.tracking import SearchTracker  # noqa: E402
+from reid_tune.tracking import VAL_MAP, VAL_RANK1_NAME, SearchTracker  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cuhk03-labeled"
 METHODS = {  # name -> search options (the paper is one trial of its settings, no scheduler)
@@ -107,12 +107,12 @@ TRAIN = {
     "pre_crop_height": 72, "pre_crop_width": 36, "precision": "fp32", "seed": 0, "num_workers": 0,
 }  # fmt: skip
 FULL = Setup(
-    train={**TRAIN, "train_iterations": 400, "validate_every": 100, "log_every": 50},
+    train={**TRAIN, "train_iterations": 300, "validate_every": 100, "log_every": 50},
     space=SPACE,
     validation_ids=100,
     grace_period=100,
     reduction_factor=3,
-    budget_papers=3.5,
+    budget_papers=3.0,
     seeds=(0, 1, 2),
     num_samples=200,
     methods=tuple(METHODS),
@@ -217,7 +217,7 @@ def records(spec_file: Path, summary: SearchSummary) -> list[TrialRecord]:
     """Each trial's validations (from MLflow, as the search logged them) and batch size."""
     spec = load_spec(spec_file, prepare_data=False)
     tracker = SearchTracker.open(spec.mlflow.tracking_uri, spec.tracking_experiment, summary.parent_run_id)
-    histories = tracker.trial_histories((METRIC, VAL_RANK1))
+    histories = tracker.trial_histories((VAL_MAP, VAL_RANK1_NAME))
     out = []
     for trial in summary.trials:
         run_id, history = histories.get(trial.trial_id, ("", {}))
@@ -227,7 +227,7 @@ def records(spec_file: Path, summary: SearchSummary) -> list[TrialRecord]:
                 run_id=run_id,
                 params=trial.config,
                 batch_size=trial_config(spec, trial.config).batch_size,
-                reports=reports_from_history(history.get(METRIC, []), history.get(VAL_RANK1, [])),
+                reports=reports_from_history(history.get(VAL_MAP, []), history.get(VAL_RANK1_NAME, [])),
                 tune_status=trial.status,
                 optuna_state="",
                 budget=spec.train.train_iterations,

@@ -1,8 +1,9 @@
 """Promote a search's champion: the best trial by validation mAP, tested once, registered as ``@champion``.
 
-The test lists are used here and only here, after the search has chosen; the test numbers and
-embeddings go to the chosen trial's run, and the model (checkpoint with its architecture and
-preprocessing options) becomes a new version of the registered model, earlier versions kept.
+The test lists are used here and only here, after the search has chosen; the test embeddings go to
+the chosen trial's run, the model (checkpoint with its architecture and preprocessing options) is
+logged on that run as an MLflow model carrying the test metrics, and becomes a new version of the
+registered model, with a description and tags; earlier versions are kept.
 """
 
 from __future__ import annotations
@@ -13,21 +14,24 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.entities import Metric, Run
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from reid_tune.datasets import load_csv
 from reid_tune.embed import embed_dataset
 from reid_tune.errors import ReidTuneError
 from reid_tune.evaluate import EvalResult, evaluate_files
 from reid_tune.tracking import (
     BEST_METRIC,
     CHECKPOINT_ARTIFACTS,
+    DATASET_TAG,
     MODEL_NAME_TAG,
     ROLE_TAG,
     SEARCH_TAG,
     TRIAL_TAG,
     client_for,
     cmc_plot,
+    log_champion,
     register_model,
 )
 from reid_tune.train import find_checkpoint, load_model, resolve_device
@@ -85,7 +89,7 @@ def best_trial(client: MlflowClient, parent: Run) -> Run:
     runs = client.search_runs(
         [parent.info.experiment_id],
         f"tags.`{SEARCH_TAG}` = '{parent.data.tags[SEARCH_TAG]}' and tags.`{ROLE_TAG}` = 'trial'",
-        order_by=[f"metrics.{BEST_METRIC} DESC"],
+        order_by=[f"metrics.`{BEST_METRIC}` DESC"],
     )
     scored = [run for run in runs if BEST_METRIC in run.data.metrics]
     if not scored:
@@ -132,7 +136,8 @@ def test_champion(checkpoint: Path, parent: Run, out: Path, *, device: str) -> E
 def promote(
     search: str, *, name: str | None = None, tracking_uri: str | None = None, device: str = "auto"
 ) -> Promotion:
-    """Test the best trial of ``search`` on the test lists and register it as ``name@champion``."""
+    """Test the best trial of ``search`` on the test lists, log it as an MLflow model with the test
+    metrics and register it as ``name@champion``."""
     client = client_for(tracking_uri)
     parent = find_search(client, search)
     best = best_trial(client, parent)
@@ -146,21 +151,53 @@ def promote(
         result = test_champion(checkpoint, parent, out, device=device)
         cmc_plot(json.loads((out / "test.json").read_text())["CMC"], out / "cmc.png", title="test CMC")
         client.log_artifacts(run_id, str(out), TEST_ARTIFACTS)
-        client.log_batch(
-            run_id,
-            metrics=[
-                Metric(f"test_{key}", value, 0, 0)
-                for key, value in {
-                    "mAP": result.mAP,
-                    "rank1": result.rank(1),
-                    "rank5": result.rank(5),
-                    "rank10": result.rank(10),
-                    "mINP": result.mINP,
-                }.items()
-            ],
+        facts = champion_tags(parent, best, result)
+        model_id = log_champion(
+            client, best, checkpoint, example=example_images(parent), metrics=test_metrics(result), tags=facts
         )
-        version = register_model(client, run_id, checkpoint, name)
+        version = register_model(
+            client, name, model_id, description=champion_note(parent, best, result), tags=facts
+        )
     client.set_tag(parent.info.run_id, "reid_tune.champion", f"{name}/{version}")
     return Promotion(
         name=name, version=version, run_id=run_id, trial_id=best.data.tags.get(TRIAL_TAG, ""), test=result
     )
+
+
+def test_metrics(result: EvalResult) -> dict[str, float]:
+    """The champion's test numbers under ``test/``, as logged on its run and its model."""
+    return {
+        "test/mAP": result.mAP,
+        "test/rank1": result.rank(1),
+        "test/rank5": result.rank(5),
+        "test/rank10": result.rank(10),
+        "test/mINP": result.mINP,
+    }
+
+
+def champion_tags(parent: Run, best: Run, result: EvalResult) -> dict[str, str]:
+    """What the registered version says of itself: data set, test mAP and rank-1, search and trial."""
+    return {
+        "dataset": parent.data.tags.get(DATASET_TAG, ""),
+        "test_mAP": f"{result.mAP:.4f}",
+        "test_rank1": f"{result.rank(1):.4f}",
+        "search": f"{parent.info.run_name} ({parent.info.run_id})",
+        "trial": f"{best.info.run_name} ({best.info.run_id})",
+    }
+
+
+def champion_note(parent: Run, best: Run, result: EvalResult) -> str:
+    """The registered version's description: where it comes from and how it tested."""
+    query, gallery, _, _ = test_lists(parent)
+    val = best.data.metrics.get(BEST_METRIC, float("nan"))
+    return (
+        f"Best trial {best.info.run_name} of search {parent.info.run_name} by validation mAP ({val:.2%}), "
+        f"tested once on {query.name} against {gallery.name}: {result.summary()}. "
+        "Input: image file paths; output: one embedding per image."
+    )
+
+
+def example_images(parent: Run) -> list[str]:
+    """An input example for the model: two test query images, as paths."""
+    query, _, image_root, _ = test_lists(parent)
+    return [str(image_root / fid) for fid in load_csv(query).fids[:2]]

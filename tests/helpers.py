@@ -107,7 +107,11 @@ def write_space(folder: Path, data: Path, name: str, *, tracking_uri: str | None
         data,
         name,
         storage=str(folder / "ray_results"),
-        mlflow={"tracking_uri": tracking_uri, "registered_model": f"{name}-model"},
+        mlflow={
+            "tracking_uri": tracking_uri,
+            "registered_model": f"{name}-model",
+            "system_metrics_every_s": 0.5,
+        },
         **sections,
     )
     return write_yaml(folder / f"{name}.yaml", document)

@@ -5,6 +5,7 @@ One Ray session serves the whole module; trials are tiny (lunet_small, 64x32, 20
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -15,6 +16,8 @@ from csv import DictReader
 from pathlib import Path
 
 import h5py
+import mlflow
+import numpy as np
 import pytest
 from helpers import (
     assert_study_matches_tune,
@@ -28,6 +31,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from reid_tune.cli import main
+from reid_tune.datasets import load_csv
 from reid_tune.errors import ReidTuneError
 from reid_tune.promote import promote
 from reid_tune.search import run_search
@@ -110,12 +114,17 @@ def searched(four: tuple[Path, str, SearchSummary]) -> tuple[Path, str]:
     return four[0], four[1]
 
 
-def test_search_logs_parent_and_nested_runs(searched: tuple[Path, str]) -> None:
-    _, uri = searched
+def test_search_logs_parent_and_nested_runs(four: tuple[Path, str, SearchSummary]) -> None:
+    _, uri, summary = four
     client = MlflowClient(uri)
+    assert client.get_experiment_by_name("four").tags["mlflow.experimentKind"] == "custom_model_development"
     parent = parent_run(client, "four")
     assert parent.info.status == "FINISHED"
-    assert {"best_val_mAP", "paper_val_mAP"} <= set(parent.data.metrics)
+    assert parent.data.metrics == {}  # the end-of-search numbers are tags and the description
+    assert parent.data.tags["reid_tune.best_val_mAP"] == f"{summary.best.val_mAP:.4f}"
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("Search four: TPE (Optuna) with ASHA over batch_p, batch_k, margin, lr")
+    assert "Promote it: reid-tune promote four" in note and summary.verdict[1:] in note
     assert parent.data.params["space.lr"] == "loguniform [0.0001, 0.001]"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
         "four.yaml",
@@ -123,20 +132,38 @@ def test_search_logs_parent_and_nested_runs(searched: tuple[Path, str]) -> None:
         "search",
     }
     assert client.get_experiment_by_name("four").artifact_location.startswith("mlflow-artifacts:")
-    runs = trial_runs(client, "four")
-    assert len(runs) == 4 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 4
-    assert sum(r.data.tags["reid_tune.paper_settings"] == "true" for r in runs) == 1
+    runs = sorted(trial_runs(client, "four"), key=lambda r: r.info.run_name)
+    assert [r.info.run_name for r in runs] == [
+        f"t{n:02d}-{r.data.tags[TRIAL_TAG]}" for n, r in enumerate(runs, 1)
+    ]
+    assert runs[0].data.tags["reid_tune.paper_settings"] == "true"  # the first start point
+    best = [r for r in runs if r.data.tags.get("reid_tune.best") == "true"]
+    assert [r.data.tags[TRIAL_TAG] for r in best] == [summary.best.trial_id]
+    assert f"Best trial: {best[0].info.run_name}," in note
+    trials = {t.trial_id: t for t in summary.trials}
     for run in runs:
+        trial = trials[run.data.tags[TRIAL_TAG]]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == "FINISHED"
         assert {"batch_p", "learning_rate", "decay_start_iteration", "network"} <= set(run.data.params)
         assert {"reid_tune.dataset", "reid_tune.code_version"} <= set(run.data.tags)
-        val = client.get_metric_history(run.info.run_id, "val_mAP")
+        outcome = run.data.tags["reid_tune.outcome"]
+        assert outcome == ("full_budget" if trial.full_budget else "stopped_early")
+        assert run.data.tags.get("reid_tune.stopped_at") == (
+            None if trial.full_budget else str(trial.iterations)
+        )
+        assert run.data.tags["mlflow.note.content"].startswith(f"Trial {run.info.run_name} of search four")
+        val = client.get_metric_history(run.info.run_id, "val/mAP")
         assert [m.step for m in val][:1] == [
             10
         ]  # every trial validates at iteration 10, ASHA may stop it there
+        best = client.get_metric_history(run.info.run_id, "val/best_mAP")
+        assert [m.value for m in best] == list(itertools.accumulate((m.value for m in val), max))
         assert len(client.get_metric_history(run.info.run_id, "train/loss_mean")) == 2 * len(val)
-        assert {"val_rank1", "val_rank5", "val_rank10", "best_val_mAP"} <= set(run.data.metrics)
+        metrics = set(run.data.metrics)
+        assert {"val/rank1", "val/rank5", "val/rank10", "val/mINP"} <= metrics
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= metrics
+        assert all(m.split("/")[0] in ("train", "val", "system") for m in metrics)  # no "step", no best_*
         artifacts = {
             a.path
             for folder in ("checkpoint", "validation")
@@ -179,7 +206,7 @@ def test_parent_run_holds_the_search_analysis(four: tuple[Path, str, SearchSumma
     assert {row["tune_status"] for row in rows} == {"TERMINATED"}
     assert [row["trial_id"] for row in rows if row["baseline"] == "true"] == [summary.paper.trial_id]
     assert parent.data.tags["reid_tune.verdict"] == summary.verdict
-    assert parent.data.metrics["gain_val_mAP"] == pytest.approx(summary.gain)
+    assert parent.data.tags["reid_tune.gain_val_mAP"] == f"{summary.gain:+.4f}"
 
 
 def test_fresh_start_refuses_an_existing_search(searched: tuple[Path, str]) -> None:
@@ -199,14 +226,34 @@ def test_promote_then_embed_from_the_registry(
     assert str(client.get_model_version_by_alias("four-model", "champion").version) == "2"
     assert len(client.search_model_versions("name='four-model'")) == 2
     best = client.get_run(second.run_id)
-    assert best.data.metrics["best_val_mAP"] == max(
-        r.data.metrics["best_val_mAP"] for r in trial_runs(client, "four")
+    assert best.data.metrics["val/best_mAP"] == max(
+        r.data.metrics["val/best_mAP"] for r in trial_runs(client, "four")
     )
-    assert {"test_mAP", "test_rank1"} <= set(best.data.metrics)
+    assert best.data.tags["reid_tune.best"] == "true"
+    assert {"test/mAP", "test/rank1", "test/rank5", "test/mINP"} <= set(best.data.metrics)
     assert "test/test_query.h5" in {a.path for a in client.list_artifacts(second.run_id, "test")}
+    # the champion is an MLflow 3 logged model of the trial's run, linked to the registered version
+    version = client.get_model_version_by_alias("four-model", "champion")
+    model = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert (model.source_run_id, model.status.to_proto()) == (second.run_id, 2)  # READY
+    assert model.model_id in {o.model_id for o in best.outputs.model_outputs}
+    assert {"name": "four-model", "version": 2} in json.loads(model.tags["mlflow.modelVersions"])
+    assert {m.key: m.value for m in model.metrics}["test/mAP"] == pytest.approx(second.test.mAP)
+    assert version.description.startswith(f"Best trial {best.info.run_name} of search four")
+    assert version.tags["test_mAP"] == f"{second.test.mAP:.4f}" and "trial" in version.tags
+    # a version registered from plain files (the earlier layout) still gives its checkpoint
+    old = client.create_model_version("four-model", f"runs:/{second.run_id}/checkpoint", run_id=second.run_id)
+    assert download_checkpoint(f"models:/four-model/{old.version}", tracking_uri=uri).name.startswith(
+        "checkpoint-"
+    )
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # no run folder, no search folder: the registry only
+    info = mlflow.models.get_model_info("models:/four-model@champion")
+    assert info.signature is not None and info.saved_input_example_info is not None
+    embedder = mlflow.pyfunc.load_model("models:/four-model@champion")  # the pyfunc, from its code
+    images = [str(data / fid) for fid in load_csv(data / "market1501_query.csv").fids[:3]]
+    assert np.array(embedder.predict(images)).shape == (3, 32)
     _, cfg = load_model(download_checkpoint("models:/four-model@champion"))
     assert cfg.embedding_dim == 32 and cfg.network == "lunet_small"
     for role, csv in (("query", "market1501_query.csv"), ("gallery", "market1501_test.csv")):
@@ -304,7 +351,7 @@ def test_resume_after_interrupt_finishes_without_duplicates(
     assert len(runs) == 2 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 2
     for run in runs:
         assert run.info.status == "FINISHED"
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mAP")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/mAP")]
         assert steps == [10, 20]  # each validation logged once, none repeated
         if run.data.tags[TRIAL_TAG] in done_before:  # not rerun
             assert run.info.end_time == done_before[run.data.tags[TRIAL_TAG]]

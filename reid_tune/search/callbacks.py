@@ -25,6 +25,7 @@ from reid_tune.search.analysis import TrialRecord, reports_from_history, write_a
 from reid_tune.search.space import SearchSpec
 from reid_tune.search.trainable import (
     METRIC,
+    SYSTEM_KEY,
     TIME_ATTR,
     TRAIN_LOG_KEY,
     VAL_RANK1,
@@ -33,10 +34,12 @@ from reid_tune.search.trainable import (
     SearchPaths,
     trial_config,
 )
-from reid_tune.tracking import DATASET_TAG, SearchTracker
+from reid_tune.tracking import DATASET_TAG, VAL_MAP, VAL_RANK1_NAME, SearchTracker
 
 PAPER_TAG = "reid_tune.paper_settings"  # "true" on the trial that ran the paper's settings
 BASELINE_TAG = "reid_tune.baseline"  # "true" on trials that run a baseline's settings (trained to the end)
+OUTCOME_TAG = "reid_tune.outcome"  # full_budget, stopped_early or failed
+STOPPED_AT_TAG = "reid_tune.stopped_at"  # the iteration a trial stopped early (or failed) at
 ANALYSIS_ARTIFACTS = "search"  # the parent run's folder of history.png, importance.png, ...
 SHORT_NAMES = {
     "batch_p": "P",
@@ -94,7 +97,7 @@ class MlflowLogger(_ParentRunCallback):
         super().__init__(tracking_uri, experiment, parent_run_id, spec)
         self.paths = paths
 
-    def _open(self, trial: Trial) -> None:
+    def _open(self, trial: Trial, trials: list[Trial]) -> None:
         cfg = trial_config(self.spec, trial.config)
         params = {**cfg.to_dict(), "decay_start": trial.config.get("decay_start"), "trial_id": trial.trial_id}
         tags = {
@@ -102,35 +105,92 @@ class MlflowLogger(_ParentRunCallback):
             PAPER_TAG: str(matches_point(trial.config, self.spec.paper_point())).lower(),
             BASELINE_TAG: str(is_baseline(trial.config, self.spec)).lower(),
         }
-        self.tracker.trial_run(trial.trial_id, params=params, tags=tags)
+        self.tracker.trial_run(trial.trial_id, name=run_name(trial, trials), params=params, tags=tags)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._open(trial)
+        self._open(trial, trials)
 
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
     ) -> None:
+        self._open(trial, trials)
+        if result.get(SYSTEM_KEY):
+            self.tracker.log_system(trial.trial_id, json.loads(result[SYSTEM_KEY]))
         if METRIC not in result:
             return
-        self._open(trial)
-        validation = {key: result[key] for key in VALIDATION_KEYS}
+        validation = {mlflow_name(key): result[key] for key in VALIDATION_KEYS}
         records = json.loads(result.get(TRAIN_LOG_KEY, "[]"))
         self.tracker.log_result(trial.trial_id, int(result[TIME_ATTR]), records, validation)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._finish(trial, failed=False)
+        self._finish(trial, trials, failed=False)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._finish(trial, failed=True)
+        self._finish(trial, trials, failed=True)
 
-    def _finish(self, trial: Trial, *, failed: bool) -> None:
-        self._open(trial)
+    def _finish(self, trial: Trial, trials: list[Trial], *, failed: bool) -> None:
+        self._open(trial, trials)
         best = best_checkpoint(self.paths, trial.trial_id)
+        trained = int((trial.last_result or {}).get(TIME_ATTR, 0))
+        budget = self.spec.train.train_iterations
+        outcome = "failed" if failed else "full_budget" if trained >= budget else "stopped_early"
+        tags = {OUTCOME_TAG: outcome} | ({} if outcome == "full_budget" else {STOPPED_AT_TAG: str(trained)})
+        note = trial_note(self.spec, trial, run_name(trial, trials), outcome, trained, best and best[1])
         if best is None:
-            self.tracker.finish_trial(trial.trial_id, None, failed=failed)
+            self.tracker.finish_trial(trial.trial_id, None, failed=failed, tags=tags, note=note)
             return
         with storage.local_copy(best[0]) as folder:
-            self.tracker.finish_trial(trial.trial_id, folder, failed=failed)
+            self.tracker.finish_trial(trial.trial_id, folder, failed=failed, tags=tags, note=note)
+
+
+def run_name(trial: Trial, trials: list[Trial]) -> str:
+    """A trial's MLflow run name: its number in the search, then its Ray trial id (``t03-3f438151``),
+    so the runs sort in trial order and still name the Ray trial."""
+    return f"t{trials.index(trial) + 1:02d}-{trial.trial_id}" if trial in trials else trial.trial_id
+
+
+def mlflow_name(key: str) -> str:
+    """The MLflow name of a reported validation number: ``val_mAP`` -> ``val/mAP``."""
+    return "val/" + key.removeprefix("val_")
+
+
+def describe_settings(config: dict[str, Any]) -> str:
+    """The searched values in a line: ``P=18 K=4 margin=soft lr=3.00e-04 ...``."""
+    return " ".join(f"{SHORT_NAMES.get(k, k)}={short(v)}" for k, v in config.items())
+
+
+def trial_note(
+    spec: SearchSpec,
+    trial: Trial,
+    name: str,
+    outcome: str,
+    trained: int,
+    validation: dict[str, Any] | None,
+) -> str:
+    """A trial run's description: what it ran, on which data, how it ended and its best validation."""
+    budget = spec.train.train_iterations
+    ended = {
+        "full_budget": f"Trained its full budget of {budget} iterations.",
+        "stopped_early": f"Stopped early by the search at iteration {trained} of {budget}.",
+        "failed": f"Failed after {trained} of {budget} iterations (Ray's error file: {trial.path}).",
+    }[outcome]
+    role = (
+        " It runs the paper's settings (a baseline: never stopped early)."
+        if matches_point(trial.config, spec.paper_point())
+        else " A baseline of the search (never stopped early)."
+        if is_baseline(trial.config, spec)
+        else ""
+    )
+    result = (
+        "No validation."
+        if validation is None
+        else f"Best validation mAP {validation['mAP']:.2%} (rank-1 {validation['rank-1']:.2%}) at iteration "
+        f"{validation[TIME_ATTR]}, on the search's {spec.validation.identities} held-out training identities."
+    )
+    return (
+        f"Trial {name} of search {spec.experiment} (Ray trial {trial.trial_id}): "
+        f"{describe_settings(trial.config)}; trained on {spec.data.train}.{role}\n\n{ended} {result}"
+    )
 
 
 class SearchReport(_ParentRunCallback):
@@ -168,7 +228,7 @@ class SearchReport(_ParentRunCallback):
 
     def records(self, trials: list[Trial]) -> list[TrialRecord]:
         """What the analysis needs of every trial."""
-        histories = self.tracker.trial_histories((METRIC, VAL_RANK1))
+        histories = self.tracker.trial_histories((VAL_MAP, VAL_RANK1_NAME))
         return [self._record(trial, *histories.get(trial.trial_id, ("", {}))) for trial in trials]
 
     def _record(self, trial: Trial, run_id: str, history: dict[str, list[Any]]) -> TrialRecord:
@@ -178,7 +238,7 @@ class SearchReport(_ParentRunCallback):
             run_id=run_id,
             params={name: trial.config.get(name) for name in self.searched},
             batch_size=trial_config(self.spec, trial.config).batch_size,
-            reports=reports_from_history(history.get(METRIC, []), history.get(VAL_RANK1, [])),
+            reports=reports_from_history(history.get(VAL_MAP, []), history.get(VAL_RANK1_NAME, [])),
             tune_status=self._ended.get(trial.trial_id, trial.status),
             optuna_state="" if optuna_trial is None else optuna_trial.state.name,
             baseline=is_baseline(trial.config, self.spec),
@@ -204,21 +264,32 @@ class SearchReport(_ParentRunCallback):
 
 
 class TrialTable(tune.Callback):
-    """A live table of the trials: status, sampled settings, iteration and validation numbers."""
+    """The trials as the search goes: on a terminal a live table (status, sampled settings, iteration,
+    validation numbers); otherwise (a log file, CI) a progress line every ``line_every_s`` seconds and the
+    final table."""
 
-    def __init__(self, spec: SearchSpec, *, refresh_s: float = 1.0) -> None:
+    def __init__(self, spec: SearchSpec, *, refresh_s: float = 1.0, line_every_s: float = 30.0) -> None:
         self.columns = [name for name, param in spec.params.items() if param.searched]
-        self.refresh_s, self._shown = refresh_s, 0.0
+        self.refresh_s, self.line_every_s, self._shown = refresh_s, line_every_s, 0.0
+        self.console: Console | None = None
         self.live: Live | None = None
 
     def setup(self, **info: Any) -> None:
-        self.live = Live(console=wide_console(), auto_refresh=False, transient=False)
-        self.live.start()
+        self.console = wide_console()
+        self._shown = time.monotonic()
+        if self.console.is_terminal:
+            self.live = Live(console=self.console, auto_refresh=False, transient=False)
+            self.live.start()
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
-        if self.live is not None and time.monotonic() - self._shown >= self.refresh_s:
-            self._shown = time.monotonic()
+        every = self.refresh_s if self.live is not None else self.line_every_s
+        if self.console is None or time.monotonic() - self._shown < every:
+            return
+        self._shown = time.monotonic()
+        if self.live is not None:
             self.live.update(self.table(trials), refresh=True)
+        else:
+            self.console.print(progress_line(trials), highlight=False)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         """Called when the search ends or is interrupted: draw the final state, stop redrawing."""
@@ -226,6 +297,9 @@ class TrialTable(tune.Callback):
             self.live.update(self.table(trials), refresh=True)
             self.live.stop()
             self.live = None
+        elif self.console is not None:
+            self.console.print(self.table(trials))
+        self.console = None
 
     def table(self, trials: list[Trial]) -> Table:
         """The current state of every trial."""
@@ -235,15 +309,32 @@ class TrialTable(tune.Callback):
         for trial in trials:
             last = trial.last_result or {}
             table.add_row(
-                trial.trial_id,
+                run_name(trial, trials),
                 trial.status.lower(),
                 *(short(trial.config.get(name)) for name in self.columns),
                 short(last.get(TIME_ATTR)),
                 percent(last.get(METRIC)),
                 percent(last.get(VAL_RANK1)),
-                percent(trial.metric_analysis.get(METRIC, {}).get("max")),
+                percent(best_mAP(trial)),
             )
         return table
+
+
+def best_mAP(trial: Trial) -> float | None:
+    """A trial's best validation mAP so far (None before its first validation)."""
+    return trial.metric_analysis.get(METRIC, {}).get("max")
+
+
+def progress_line(trials: list[Trial]) -> str:
+    """The search in one line: trials by status, and the best validation mAP so far with its trial."""
+    counts: dict[str, int] = {}
+    for trial in trials:
+        counts[trial.status.lower()] = counts.get(trial.status.lower(), 0) + 1
+    states = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    scored = [t for t in trials if best_mAP(t) is not None]
+    best = max(scored, key=best_mAP, default=None)
+    leader = "" if best is None else f"; best val mAP {best_mAP(best):.1%} ({run_name(best, trials)})"
+    return f"{time.strftime('%H:%M:%S')} trials: {states}{leader}"
 
 
 def wide_console() -> Console:

@@ -251,11 +251,14 @@ class ResourcesSpec(_Strict):
 
 
 class MlflowSpec(_Strict):
-    """Where runs are tracked and the name a promoted model is registered under."""
+    """Where runs are tracked, what each trial's run records, and the name a promoted model is
+    registered under."""
 
     tracking_uri: str | None = None
     experiment: str | None = None
     registered_model: str | None = None
+    system_metrics: bool = True  # CPU, memory and GPU of each trial where it trains, under system/
+    system_metrics_every_s: Annotated[float, Field(gt=0)] = 10.0
 
 
 class SearchSpec(_Strict):

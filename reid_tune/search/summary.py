@@ -105,20 +105,9 @@ def summarize(spec: SearchSpec, results: Any, parent_run_id: str, *, interrupted
     )
 
 
-def summary_metrics(summary: SearchSummary) -> dict[str, float]:
-    """The parent run's end-of-search numbers; the gain only when it compares full-budget trials."""
-    metrics = {}
-    if summary.best is not None:
-        metrics.update(best_val_mAP=summary.best.val_mAP, best_val_rank1=summary.best.val_rank1)
-    if summary.paper is not None and summary.paper.val_mAP is not None:
-        metrics.update(paper_val_mAP=summary.paper.val_mAP, paper_val_rank1=summary.paper.val_rank1)
-    if summary.gain is not None:
-        metrics["gain_val_mAP"] = summary.gain
-    return metrics
-
-
 def summary_tags(summary: SearchSummary) -> dict[str, str]:
-    """The parent run's tags: the best and the paper's trials, their iterations, and the verdict."""
+    """The parent run's end-of-search facts as tags (a summary, not one-point metric charts): the best
+    and the paper's trials, their iterations and validation numbers, and the verdict."""
     tags = {"reid_tune.verdict": summary.verdict}
     for label, trial in (
         ("best", summary.best),
@@ -128,7 +117,47 @@ def summary_tags(summary: SearchSummary) -> dict[str, str]:
         if trial is not None:
             tags[f"reid_tune.{label}_trial_id"] = trial.trial_id
             tags[f"reid_tune.{label}_iterations"] = str(trial.iterations)
+            if trial.val_mAP is not None:
+                tags[f"reid_tune.{label}_val_mAP"] = f"{trial.val_mAP:.4f}"
+                tags[f"reid_tune.{label}_val_rank1"] = f"{trial.val_rank1:.4f}"
+    if summary.gain is not None:
+        tags["reid_tune.gain_val_mAP"] = f"{summary.gain:+.4f}"
     return tags
+
+
+def describe_search(spec: SearchSpec) -> str:
+    """The parent run's description while the search runs: what is searched, how, on which data."""
+    searched = [name for name, param in spec.params.items() if param.searched]
+    options = spec.search
+    scheduler = "ASHA" if options.scheduler.type == "asha" else "no early stopping"
+    budget = f", at most {options.max_images:,} training images" if options.max_images else ""
+    return (
+        f"Search {spec.experiment}: {options.searcher.upper()} (Optuna) with {scheduler} over "
+        f"{', '.join(searched)}; up to {options.num_samples} trials of {spec.train.train_iterations} "
+        f"iterations{budget}. Trains on {spec.data.train}; the objective is validation mAP on "
+        f"{spec.validation.identities} held-out training identities."
+    )
+
+
+def summary_note(summary: SearchSummary, spec: SearchSpec, names: dict[str, str]) -> str:
+    """The parent run's description at the end: the search, its best trial (``names``: trial id ->
+    run name), the verdict against the paper's settings and the command that promotes the best."""
+    ended = "Interrupted (continue with --resume)." if summary.interrupted else "Finished."
+    failed = sum(t.status == "ERROR" for t in summary.trials)
+    stopped = sum(t.status != "ERROR" and not t.full_budget for t in summary.trials)
+    lines = [
+        describe_search(spec),
+        f"{ended} {len(summary.trials)} trials: {stopped} stopped early, {failed} failed.",
+    ]
+    if summary.best is not None:
+        best = summary.best
+        lines.append(
+            f"Best trial: {names.get(best.trial_id, best.trial_id)}, validation mAP {best.val_mAP:.2%} "
+            f"(rank-1 {best.val_rank1:.2%}) at iteration {best.step} (trained {best.iterations} of "
+            f"{summary.budget}). Promote it: reid-tune promote {spec.tracking_experiment}"
+        )
+    lines.append(summary.verdict[0].upper() + summary.verdict[1:] + ".")
+    return "\n\n".join(lines)
 
 
 # ---------------------------------------------------------------- console

@@ -28,6 +28,7 @@ from reid_tune.datasets import write_csv
 from reid_tune.models import ReidModel
 from reid_tune.search import storage
 from reid_tune.search.space import SearchSpec
+from reid_tune.search.system_metrics import SystemSampler
 from reid_tune.train import CONFIG_FILE, TrainCallback, checkpoint_path, resolve_device, train
 from reid_tune.validation import SPLIT_FILES, ValidationSplit, validate
 
@@ -40,6 +41,7 @@ SPLIT_ARTIFACT = "validation_split"  # the parent run's artifact folder of the s
 TRAIN_LOG_KEY = "train_log"  # per-iteration statistics since the previous report, as JSON text
 NODE_KEY = "node_id"  # the Ray node whose rank-0 worker made the report: where the trial trained
 IMAGES_KEY = "train_images"  # training images of the trial so far (iterations x P x K): its compute
+SYSTEM_KEY = "system_samples"  # rank 0's system samples since the previous report, as JSON text
 _VALIDATION_KEYS = {
     "mAP": METRIC,
     "rank-1": VAL_RANK1,
@@ -85,8 +87,8 @@ def trial_config(spec: SearchSpec, sampled: dict[str, Any]) -> TrainConfig:
 class _Reporter(TrainCallback):
     """Collects the logged statistics; at each checkpoint validates (rank 0) and reports to Ray Train."""
 
-    def __init__(self, cfg: TrainConfig, split: ValidationSplit) -> None:
-        self.cfg, self.split = cfg, split
+    def __init__(self, cfg: TrainConfig, split: ValidationSplit, sampler: SystemSampler | None) -> None:
+        self.cfg, self.split, self.sampler = cfg, split, sampler
         self.records: list[dict[str, float]] = []
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
@@ -99,6 +101,7 @@ class _Reporter(TrainCallback):
             TRAIN_LOG_KEY: json.dumps(self.records),
             NODE_KEY: ray.get_runtime_context().get_node_id(),
             IMAGES_KEY: step * self.cfg.batch_size,
+            SYSTEM_KEY: json.dumps(self.sampler.drain() if self.sampler else []),
         }
         self.records = []
         if ray.train.get_context().get_world_rank() != 0:
@@ -125,6 +128,9 @@ def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker loop: train (or resume from the restored checkpoint) with validation reports."""
     cfg = config_from_dict(config["train_config"], source="trial")
     split: ValidationSplit = config["split"]
+    every_s = config["system_metrics_every_s"]
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    sampler = SystemSampler(every_s, resolve_device(cfg.device)).start() if every_s and rank0 else None
     run_dir = Path(tempfile.mkdtemp(prefix="reid-trial-"))
     try:
         write_csv(run_dir / SPLIT_FILES["train"], split.train.pids, split.train.fids)
@@ -136,9 +142,14 @@ def train_worker(config: dict[str, Any]) -> None:
                 shutil.copy2(checkpoint_path(folder, step), checkpoint_path(run_dir, step))
             local.save(run_dir / CONFIG_FILE)
         train(
-            None if restored else local, run_dir, resume=restored is not None, callback=_Reporter(cfg, split)
+            None if restored else local,
+            run_dir,
+            resume=restored is not None,
+            callback=_Reporter(cfg, split, sampler),
         )
     finally:
+        if sampler is not None:
+            sampler.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -152,7 +163,13 @@ def run_trial(config: dict[str, Any], *, spec: SearchSpec, split: ValidationSpli
     resources = spec.resources
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"train_config": trial_config(spec, config).to_dict(), "split": split},
+        train_loop_config={
+            "train_config": trial_config(spec, config).to_dict(),
+            "split": split,
+            "system_metrics_every_s": spec.mlflow.system_metrics_every_s
+            if spec.mlflow.system_metrics
+            else None,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers,
             use_gpu=resources.gpus_per_worker > 0,

@@ -9,6 +9,7 @@ settings on the same validation split (:mod:`summary`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -17,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import optuna
 import ray
 from ray import tune
 from ray.tune import ExperimentAnalysis
@@ -26,7 +28,7 @@ from reid_tune.search import storage
 from reid_tune.search.algorithms import ImageBudget, PruningOptunaSearch, build_scheduler, build_searcher
 from reid_tune.search.callbacks import MlflowLogger, SearchReport, TrialTable
 from reid_tune.search.space import SearchSpec, load_spec
-from reid_tune.search.summary import SearchSummary, summarize, summary_metrics, summary_tags
+from reid_tune.search.summary import SearchSummary, describe_search, summarize, summary_note, summary_tags
 from reid_tune.search.trainable import (
     IMAGES_KEY,
     METRIC,
@@ -35,10 +37,18 @@ from reid_tune.search.trainable import (
     SearchPaths,
     run_trial,
 )
-from reid_tune.tracking import DATASET_TAG, MODEL_NAME_TAG, SearchTracker, client_for, resolve_tracking_uri
+from reid_tune.tracking import (
+    DATASET_TAG,
+    MODEL_NAME_TAG,
+    TRIAL_TAG,
+    SearchTracker,
+    client_for,
+    resolve_tracking_uri,
+)
 from reid_tune.validation import ValidationSplit, write_split
 
 _UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+BEST_TAG = "reid_tune.best"  # "true" on the search's best trial (what promote registers)
 STORAGE_TAG = "reid_tune.storage"  # on the parent run: the search's folder (or URI) in the storage
 DRIVER_CPUS = 0.01  # what a trial's Tune function holds while its TorchTrainer runs (Ray wants > 0)
 
@@ -118,6 +128,11 @@ def start_local_ray(num_cpus: int) -> None:
     release finished worker groups. Its address goes into the environment the Ray processes inherit,
     so another Ray instance on the same machine cannot confuse the state API's auto-detection."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # a local instance turns token authentication on by itself, and says so on every search
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # each trial's Tune function holds 0.01 CPU by design, so a small machine runs more Python workers than
+    # its cores; without this Ray warns about it on every search
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(16, num_cpus)))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -171,6 +186,7 @@ def start_tracking(
             tags={DATASET_TAG: spec.data.train, MODEL_NAME_TAG: spec.model_name, STORAGE_TAG: paths.root},
             files=[(spec_file, ""), *((path, SPLIT_ARTIFACT) for path in files.values())],
         )
+        tracker.describe(describe_search(spec))
     state = {"search_id": tracker.search_id, "parent_run_id": tracker.parent_run_id, "tracking_uri": uri}
     storage.write_text(paths.state, json.dumps(state, indent=2) + "\n")
     return tracker
@@ -202,11 +218,21 @@ def smoke(spec: SearchSpec) -> SearchSpec:
     return spec.model_copy(update={"train": train, "search": search})
 
 
+def quiet_start_up() -> None:
+    """Keep the console for the search: Tune's legacy reporter at verbosity 0 (no experiment box, no
+    TensorBoard hint: the runs are in MLflow), Tune's INFO lines and Optuna's study notices off.
+    Warnings and errors still show; each setting is only a default."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def run_search(
     spec_file: str | Path, *, resume: bool = False, smoke_test: bool = False, tracking_uri: str | None = None
 ) -> SearchSummary:
     """Run (or resume) the search of a search-space file; returns its summary."""
     spec_file = Path(spec_file)
+    quiet_start_up()
     spec = load_spec(spec_file)
     if smoke_test:
         spec = smoke(spec)
@@ -221,9 +247,11 @@ def run_search(
     results = tuner.fit()
     interrupted = _unfinished(paths, spec)
     summary = summarize(spec, results, tracker.parent_run_id, interrupted=interrupted)
+    runs = tracker.trial_runs()
+    tracker.mark(BEST_TAG, [summary.best.trial_id] if summary.best else [])
     tracker.finish(
-        metrics=summary_metrics(summary),
         tags=summary_tags(summary),
+        note=summary_note(summary, spec, {r.data.tags[TRIAL_TAG]: r.info.run_name for r in runs}),
         status="KILLED" if interrupted else "FINISHED",
     )
     return summary
