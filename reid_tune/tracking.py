@@ -47,6 +47,7 @@ CHECKPOINT_ARTIFACTS = "checkpoint"  # weights (checkpoint-NNNNNN.pt) and config
 VALIDATION_ARTIFACTS = "validation"  # val_query.h5, val_gallery.h5, validation.json, cmc.png
 MODEL_ARTIFACT = "model"  # the logged model's name: a pyfunc wrapping the checkpoint
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # on a logged model: the registered versions made from it
 _BATCH = 500  # metrics per log_batch call (MLflow allows 1000)
 
 
@@ -91,10 +92,11 @@ def check_tracking(uri: str, *, timeout: float = 5.0) -> None:
 
 
 def quiet_mlflow() -> None:
-    """No artifact progress bars or database set-up notices on the console (defaults only)."""
+    """No artifact progress bars, database set-up or model-logging notices on the console."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.models.signature").setLevel(logging.WARNING)  # "Running the predict function"
 
 
 def client_for(uri: str | None) -> MlflowClient:
@@ -436,15 +438,19 @@ def register_model(
     alias: str = "champion",
 ) -> str:
     """Register the logged model ``model_id`` as a new version of ``name`` (earlier versions stay), linked
-    both ways as MLflow's own ``register_model`` links them, with a description and tags, and point
-    ``alias`` at it; returns the version."""
+    both ways as MLflow's ``register_model`` links them (without its console lines), with a description
+    and tags, and point ``alias`` at it; returns the version."""
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description="person re-identification embedders (reid-tune)")
-    with _global_uri(client.tracking_uri):
-        version = mlflow.register_model(f"models:/{model_id}", name, tags=tags).version
-    client.update_model_version(name, str(version), description=description)
+    with _global_uri(client.tracking_uri):  # the registry resolves the source models:/<id> through it
+        version = client.create_model_version(
+            name, f"models:/{model_id}", tags=tags, description=description, model_id=model_id
+        ).version
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG, "[]"))
+    versions = json.dumps([*listed, {"name": name, "version": int(version)}])
+    client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: versions})
     client.set_registered_model_alias(name, alias, str(version))
     return str(version)
 
