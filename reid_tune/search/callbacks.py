@@ -10,6 +10,7 @@ import json
 import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -327,9 +328,7 @@ def best_mAP(trial: Trial) -> float | None:
 
 def progress_line(trials: list[Trial]) -> str:
     """The search in one line: trials by status, and the best validation mAP so far with its trial."""
-    counts: dict[str, int] = {}
-    for trial in trials:
-        counts[trial.status.lower()] = counts.get(trial.status.lower(), 0) + 1
+    counts = Counter(trial.status.lower() for trial in trials)
     states = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     scored = [t for t in trials if best_mAP(t) is not None]
     best = max(scored, key=best_mAP, default=None)

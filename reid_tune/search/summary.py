@@ -45,6 +45,16 @@ class SearchSummary:
     best_full: TrialSummary | None = None  # the highest validation mAP among full-budget trials
 
     @property
+    def failed(self) -> int:
+        """Trials that ended in an error."""
+        return sum(t.status == "ERROR" for t in self.trials)
+
+    @property
+    def stopped_early(self) -> int:
+        """Trials that ended without error before the full budget."""
+        return sum(t.status != "ERROR" and not t.full_budget for t in self.trials)
+
+    @property
     def gain(self) -> float | None:
         """Validation mAP of the best full-budget trial minus the paper's, when both trained it all."""
         if self.best_full is None or self.paper is None or not self.paper.full_budget:
@@ -143,11 +153,10 @@ def summary_note(summary: SearchSummary, spec: SearchSpec, names: dict[str, str]
     """The parent run's description at the end: the search, its best trial (``names``: trial id ->
     run name), the verdict against the paper's settings and the command that promotes the best."""
     ended = "Interrupted (continue with --resume)." if summary.interrupted else "Finished."
-    failed = sum(t.status == "ERROR" for t in summary.trials)
-    stopped = sum(t.status != "ERROR" and not t.full_budget for t in summary.trials)
     lines = [
         describe_search(spec),
-        f"{ended} {len(summary.trials)} trials: {stopped} stopped early, {failed} failed.",
+        f"{ended} {len(summary.trials)} trials: "
+        f"{summary.stopped_early} stopped early, {summary.failed} failed.",
     ]
     if summary.best is not None:
         best = summary.best
@@ -209,10 +218,8 @@ def print_summary(summary: SearchSummary, *, console: Console | None = None) -> 
     for label, trial in _rows(summary):
         table.add_row(*_row(label, trial, keys, summary.budget))
     console.print(table)
-    failed = sum(t.status == "ERROR" for t in summary.trials)
-    stopped = sum(t.status != "ERROR" and not t.full_budget for t in summary.trials)
     console.print(
-        f"{len(summary.trials)} trials ({stopped} stopped early, {failed} failed); "
+        f"{len(summary.trials)} trials ({summary.stopped_early} stopped early, {summary.failed} failed); "
         f"MLflow parent run {summary.parent_run_id}"
     )
     console.print(summary.verdict)
