@@ -54,11 +54,13 @@ from reid_tune.search.analysis import (  # noqa: E402
     images_to_reach,
     reports_from_history,
 )
-from reid_tune.search.space import PAPER_POINT, load_spec  # noqa: E402
+from reid_tune.search.keys import VAL_MAP, VAL_RANK1_NAME  # noqa: E402
+from reid_tune.search.schema import PAPER_POINT  # noqa: E402
+from reid_tune.search.space import load_spec  # noqa: E402
 from reid_tune.search.summary import SearchSummary  # noqa: E402
 from reid_tune.search.trainable import trial_config  # noqa: E402
 from reid_tune.search.tuner import run_search, start_local_ray  # noqa: E402
-from reid_tune.tracking import VAL_MAP, VAL_RANK1_NAME, SearchTracker  # noqa: E402
+from reid_tune.tracking.runs import SearchTracker  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cuhk03-labeled"
 METHODS = {  # name -> search options (the paper is one trial of its settings, no scheduler)

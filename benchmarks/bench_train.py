@@ -8,7 +8,7 @@ and of the two data paths.
         --share-precision fp32 --only paths --seconds 30    # the data paths against the bare step on a CPU
 
 Needs PyTorch, torchvision, numpy and pillow only (no Ray, no MLflow) and runs from a checkout. A trial
-is ``reid_tune.train.build_step``'s step (CUDA graph or eager) fed a synthetic batch already on the
+is ``reid_tune.steps.build_step``'s step (CUDA graph or eager) fed a synthetic batch already on the
 device; each runs in its own process, so N trials are N processes sharing the device, timed over the
 same window after warm-up (graph capture, cuDNN autotuning). "CPU cores" is a process's CPU time over
 wall time in that window. The data table, on synthetic 128x64 JPEGs, times the one-time cache build,
@@ -45,8 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's r
 
 from reid_tune.config import TrainConfig  # noqa: E402
 from reid_tune.datasets import ReidDataset  # noqa: E402
+from reid_tune.devices import resolve_device  # noqa: E402
 from reid_tune.gpu_data import DeviceBatches, cache_image_size, decode_cache  # noqa: E402
-from reid_tune.train import BatchSource, PKBatches, build_step, open_batches, resolve_device  # noqa: E402
+from reid_tune.steps import build_step  # noqa: E402
+from reid_tune.training_data import BatchSource, PKBatches, open_batches  # noqa: E402
 
 CHUNK = 10  # calls between device synchronisations while timing
 TRIAL_TIMEOUT_S = 600  # a trial process that has not reported by then counts as hung

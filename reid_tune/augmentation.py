@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from reid_tune.errors import ConfigError
+from reid_tune.vocabulary import CROP_AUGMENTS, choose, is_int
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-CROP_AUGMENTS = (None, "center", "five", "avgpool")
 
 # crop_augment -> embed.py's view suffixes, in its order.
 _CROP_VIEWS = {
@@ -47,13 +48,13 @@ Embeddings = TypeVar("Embeddings", np.ndarray, torch.Tensor)
 
 
 def _check_size(name: str, size: Sequence[int]) -> Size:
-    """``size`` as an (H, W) tuple of positive ints, else a one-line ``ValueError``."""
+    """``size`` as an (H, W) tuple of positive ints, else a one-line ``ConfigError``."""
     if (
         not isinstance(size, Sequence)
         or len(size) != 2
-        or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0 for s in size)
+        or any(not is_int(s) or s <= 0 for s in size)
     ):
-        raise ValueError(f"{name}={size!r}: expected (height, width), two positive integers")
+        raise ConfigError(f"{name}={size!r}: expected (height, width), two positive integers")
     return int(size[0]), int(size[1])
 
 
@@ -62,7 +63,7 @@ def _check_sizes(input_size: Sequence[int], pre_crop_size: Sequence[int], *, cro
     input_hw = _check_size("input_size", input_size)
     pre_crop_hw = _check_size("pre_crop_size", pre_crop_size)
     if crop and (pre_crop_hw[0] < input_hw[0] or pre_crop_hw[1] < input_hw[1]):
-        raise ValueError(f"pre_crop_size={pre_crop_hw}: must be at least input_size={input_hw} to crop from")
+        raise ConfigError(f"pre_crop_size={pre_crop_hw}: must be at least input_size={input_hw} to crop from")
     return input_hw, pre_crop_hw
 
 
@@ -133,7 +134,7 @@ def batch_train_augment(
     """
     input_hw, pre_crop_hw = _check_sizes(input_size, pre_crop_size, crop=crop)
     if images_uint8.dim() != 4 or images_uint8.shape[1] != 3 or images_uint8.dtype != torch.uint8:
-        raise ValueError(
+        raise ConfigError(
             f"images_uint8: got {images_uint8.dtype} {tuple(images_uint8.shape)}; expected uint8 (B, 3, H, W)"
         )
     size = pre_crop_hw if crop else input_hw
@@ -181,10 +182,9 @@ def _draw_offsets(batch: int, margin: int, generator: torch.Generator, *, enable
 
 
 def _check_crop_augment(crop_augment: str | None) -> str | None:
-    """``crop_augment`` if it is one of :data:`CROP_AUGMENTS`, else a one-line ``ValueError``."""
-    if crop_augment not in CROP_AUGMENTS:
-        choices = ", ".join(map(str, CROP_AUGMENTS))
-        raise ValueError(f"crop_augment={crop_augment!r}: unknown; choose from {choices}")
+    """``crop_augment`` if it is None (resize) or one of :data:`CROP_AUGMENTS`, else a one-line error."""
+    if crop_augment is not None:
+        choose("crop_augment", crop_augment, CROP_AUGMENTS)
     return crop_augment
 
 
@@ -244,7 +244,7 @@ def normalized_mean(embs: Embeddings, *, axis: int = 0) -> Embeddings:
     return averaged / ((averaged * averaged).sum(-1) ** 0.5)[..., None]
 
 
-AGGREGATORS: dict[str, Callable[..., Embeddings]] = {
+AGGREGATE: dict[str, Callable[..., Embeddings]] = {  # vocabulary.AGGREGATORS
     "mean": mean,
     "normalized_mean": normalized_mean,
 }

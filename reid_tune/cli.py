@@ -10,8 +10,9 @@ from typing import Any
 
 import click
 
+from reid_tune import vocabulary
 from reid_tune.config import TrainConfig, config_from_dict
-from reid_tune.errors import ReidTuneError
+from reid_tune.errors import ConfigError, ReidTuneError
 
 # Training options that are no plain command-line values, or are given by their own option.
 _NOT_FLAGS = {"train_set", "image_root"}
@@ -30,7 +31,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("kind", type=click.Choice(["market1501", "duke", "cuhk03", "folder"]))
+@click.argument("kind", type=click.Choice(vocabulary.DATASET_KINDS))
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the CSV lists.")
 def prepare(kind: str, src: Path, out: Path) -> None:
@@ -94,12 +95,7 @@ def train_command(cfg: TrainConfig, run_dir: str | Path) -> str:
 
 def _coerce(name: str, value: Any) -> Any:
     """The margin option is text: a number becomes a float, 'soft'/'none' stay words."""
-    if name == "margin":
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    return vocabulary.parse_margin(value) if name == "margin" else value
 
 
 @cli.command()
@@ -113,6 +109,7 @@ def _coerce(name: str, value: Any) -> Any:
 def train(train_set: Path | None, image_root: Path | None, run_dir: Path, resume: bool, quiet: bool,
           **options: Any) -> None:
     """Train one model; defaults are the paper's Market-1501 settings (P=18, K=4, soft margin, 25k its)."""
+    from reid_tune.console import TrainProgress
     from reid_tune.train import train as run
 
     given = {k: _coerce(k, v) for k, v in options.items() if v is not None}
@@ -121,11 +118,12 @@ def train(train_set: Path | None, image_root: Path | None, run_dir: Path, resume
     if image_root is not None:
         given["image_root"] = str(image_root)
     if resume and given:
-        raise ReidTuneError(f"--resume takes the stored options; drop --{next(iter(given)).replace('_', '-')}")
+        raise ConfigError(f"--{next(iter(given)).replace('_', '-')}: --resume takes the stored options, "
+                          "expected no training option")
     if not resume and not (train_set and image_root):
-        raise ReidTuneError("train: --train-set and --image-root are required (unless --resume)")
+        raise ConfigError("train: --train-set and --image-root missing, expected both (unless --resume)")
     cfg = None if resume else config_from_dict(given, source="command line")
-    result = run(cfg, run_dir, resume=resume, progress=not quiet)
+    result = run(cfg, run_dir, resume=resume, callback=None if quiet else TrainProgress())
     click.echo(f"{'interrupted' if result.interrupted else 'finished'} at iteration {result.step}; "
                f"checkpoint {result.checkpoint}")
     if result.interrupted:
@@ -143,22 +141,23 @@ def train(train_set: Path | None, image_root: Path | None, run_dir: Path, resume
 @click.option("--image-root", required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .h5 (or .csv with --format csv).")
 @click.option("--flip-augment", is_flag=True, help="Also embed the horizontal flip.")
-@click.option("--crop-augment", type=click.Choice(["center", "five", "avgpool"]), help="Test-time crops.")
-@click.option("--aggregator", type=click.Choice(["mean", "normalized_mean"]), help="How views are combined.")
+@click.option("--crop-augment", type=click.Choice(vocabulary.CROP_AUGMENTS), help="Test-time crops.")
+@click.option("--aggregator", type=click.Choice(vocabulary.AGGREGATORS), help="How views are combined.")
 @click.option("--batch-size", default=256, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["h5", "csv"]), default="h5", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(vocabulary.EMBED_FORMATS), default="h5", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def embed(run_dir: Path | None, model_uri: str | None, checkpoint: int | None, dataset: Path, image_root: Path,
           out: Path, flip_augment: bool, crop_augment: str | None, aggregator: str | None, batch_size: int,
           fmt: str, device: str) -> None:
     """Embed a data set with a trained network (triplet-reid's HDF5 layout)."""
+    from reid_tune.checkpoints import find_checkpoint, load_model
+    from reid_tune.devices import resolve_device
     from reid_tune.embed import embed_dataset
-    from reid_tune.train import find_checkpoint, load_model, resolve_device
 
     if (run_dir is None) == (model_uri is None):
-        raise ReidTuneError("embed: give exactly one of --run-dir and --model")
+        raise ConfigError("embed: --run-dir and --model, expected exactly one of them")
     if model_uri is not None:
-        from reid_tune.tracking import download_checkpoint
+        from reid_tune.tracking.registry import download_checkpoint
 
         path = download_checkpoint(model_uri)
     else:
@@ -176,10 +175,10 @@ def embed(run_dir: Path | None, model_uri: str | None, checkpoint: int | None, d
 @click.option("--gallery-dataset", required=True, type=click.Path(path_type=Path))
 @click.option("--gallery-embeddings", required=True, type=click.Path(path_type=Path))
 @click.option("--excluder", required=True,
-              type=click.Choice(["market1501", "duke", "cuhk03", "diagonal", "none"]),
+              type=click.Choice(vocabulary.EXCLUDERS),
               help="Which gallery entries a query ignores (same pid and camera, junk).")
 @click.option("--metric", default="euclidean", show_default=True,
-              type=click.Choice(["euclidean", "sqeuclidean", "cityblock"]))
+              type=click.Choice(vocabulary.METRICS))
 @click.option("--market-ap", is_flag=True, help="The official Market-1501 (MATLAB) trapezoid AP.")
 @click.option("--out", type=click.Path(path_type=Path), help="JSON with mAP, CMC, aps, mINP.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
@@ -205,9 +204,13 @@ def evaluate(query_dataset: Path, query_embeddings: Path, gallery_dataset: Path,
               help="MLflow tracking URI (default: the file's, else sqlite:///mlflow.db here).")
 def search(space: Path, resume: bool, smoke: bool, tracking_uri: str | None) -> None:
     """Run the Optuna-guided Ray Tune search of a search-space YAML, tracked in MLflow."""
-    from reid_tune.search import print_summary, run_search
+    from reid_tune.search.space import load_spec
 
-    summary = run_search(space, resume=resume, smoke_test=smoke, tracking_uri=tracking_uri)
+    spec = load_spec(space)  # a bad file answers before Ray, Optuna and MLflow are imported
+    from reid_tune.search.summary import print_summary
+    from reid_tune.search.tuner import run_search
+
+    summary = run_search(space, spec=spec, resume=resume, smoke_test=smoke, tracking_uri=tracking_uri)
     print_summary(summary)
     if summary.interrupted:
         click.echo(f"interrupted; continue with: reid-tune {space} --resume", err=True)
@@ -238,14 +241,25 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=args, prog_name="reid-tune", standalone_mode=False)
     except ReidTuneError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        _fail(str(err))
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
+    except click.ClickException as err:  # a bad option or argument: click's message, on one line
+        _fail(f"{_command(args)}: {err.format_message()}")
+    except OSError as err:  # the system refused a file or folder the user named
+        _fail(f"{err.filename or ''}: {err.strerror or err}".lstrip(": "))
+
+
+def _command(args: list[str]) -> str:
+    """The subcommand of ``args`` (for messages), or the program's name."""
+    return next((f"reid-tune {word}" for word in args if word in cli.commands), "reid-tune")
+
+
+def _fail(message: str) -> None:
+    """Print ``message`` as one ``error:`` line and exit with status 2 (bad input)."""
+    click.echo("error: " + " ".join(message.split()), err=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from reid_tune.errors import ReidTuneError
-from reid_tune.losses import parse_margin
-
-PRECISIONS = ("auto", "fp32", "tf32", "bf16")
-LOSSES = ("batch_hard", "batch_all")
-DATA_PATHS = ("auto", "cpu", "device")
+from reid_tune.atomic import write_text
+from reid_tune.errors import ConfigError, InputError
+from reid_tune.vocabulary import (
+    DATA_PATHS,
+    LOSSES,
+    METRICS,
+    PRECISIONS,
+    choose,
+    is_int,
+    is_number,
+    parse_margin,
+)
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,8 @@ class TrainConfig:
         _require(self.data_path in DATA_PATHS, "data_path", self.data_path, f"one of {', '.join(DATA_PATHS)}")
         for name in ("cache_limit_gib", "cache_headroom_gib"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
-        _require(self.metric in ("euclidean", "sqeuclidean", "cityblock"), "metric", self.metric,
-                 "one of euclidean, sqeuclidean, cityblock")
-        _check_margin(self.margin)
+        choose("metric", self.metric, METRICS)
+        parse_margin(self.margin)
 
     @property
     def batch_size(self) -> int:
@@ -118,9 +123,7 @@ class TrainConfig:
 
     def save(self, path: Path) -> None:
         """Write every option to ``path`` as JSON (atomically)."""
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
+        write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
@@ -128,20 +131,13 @@ class TrainConfig:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ReidTuneError(f"{path}: cannot read the stored options: {err}") from None
+            raise InputError(f"{path}: cannot read the stored options: {err}") from None
         return config_from_dict(data, source=str(path))
 
 
 def _require(ok: bool, key: str, value: Any, expectation: str) -> None:
     if not ok:
-        raise ReidTuneError(f"{key}={value!r}: must be {expectation}")
-
-
-def _check_margin(margin: float | str) -> None:
-    try:
-        parse_margin(margin)
-    except ValueError as err:
-        raise ReidTuneError(str(err)) from None
+        raise ConfigError(f"{key}={value!r}: must be {expectation}")
 
 
 def _accepts(annotation: Any, value: Any) -> bool:
@@ -153,9 +149,9 @@ def _accepts(annotation: Any, value: Any) -> bool:
     if annotation is type(None):
         return value is None
     if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_number(value)
     if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value)
     return isinstance(value, annotation)
 
 
@@ -164,11 +160,11 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> TrainCo
     known = {f.name: f for f in fields(TrainConfig)}
     for key, value in data.items():
         if key not in known:
-            raise ReidTuneError(f"{source}: unknown option {key!r}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"{source}: unknown option {key!r}; known: {', '.join(sorted(known))}")
         if not _accepts(known[key].type, value):
-            raise ReidTuneError(f"{source}: {key}={value!r}: expected {known[key].type}")
+            raise ConfigError(f"{source}: {key}={value!r}: expected {known[key].type}")
     values = {k: (float(v) if known[k].type == "float" and isinstance(v, int) else v) for k, v in data.items()}
     try:
         return TrainConfig(**values)
-    except ReidTuneError as err:
-        raise ReidTuneError(f"{source}: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None

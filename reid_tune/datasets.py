@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from reid_tune.errors import ReidTuneError
-
-CONVENTIONS = ("market1501", "duke", "cuhk03", "none")
+from reid_tune.atomic import write_text, write_texts
+from reid_tune.errors import ConfigError, InputError
+from reid_tune.vocabulary import CONVENTIONS, DATASET_KINDS, choose, one_line
 
 # Matched against the file name without its last extension, as triplet-reid's excluders do:
 # Market's real '1488_c1s6_023021_00.jpg.jpg' becomes '1488_c1s6_023021_00.jpg' and still matches.
@@ -54,7 +53,7 @@ class ReidDataset:
 
     def __post_init__(self) -> None:
         if len(self.pids) != len(self.fids):
-            raise ValueError(f"{self.source}: {len(self.pids)} pids but {len(self.fids)} fids")
+            raise ConfigError(f"{self.source}: {len(self.pids)} pids but {len(self.fids)} fids")
 
     def __len__(self) -> int:
         return len(self.fids)
@@ -71,16 +70,16 @@ def load_csv(
     by default the CSV's folder), so a bad row fails here rather than hours into training."""
     path = Path(csv_path)
     if not path.is_file():
-        raise ReidTuneError(f"{path}: file not found, expected a 'pid,path' CSV")
+        raise InputError(f"{path}: file not found, expected a 'pid,path' CSV")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ReidTuneError(
+        raise InputError(
             f"{path}: not UTF-8 text at byte {exc.start}, expected a 'pid,path' CSV"
         ) from None
     rows = [_parse_row(line, where=f"{path}:{n}") for n, line in enumerate(_lines(text), start=1)]
     if not rows:
-        raise ReidTuneError(f"{path}: no rows, expected one 'pid,path' row per image")
+        raise InputError(f"{path}: no rows, expected one 'pid,path' row per image")
     pids, fids = zip(*rows)
     dataset = ReidDataset(np.array(pids), np.array(fids), str(path))
     if check_images:
@@ -100,10 +99,10 @@ def _parse_row(line: str, *, where: str) -> tuple[str, str]:
     """One ``pid,path`` row, or an error naming ``where`` (file:line) and the offending text."""
     fields = line.split(",")
     if len(fields) != 2:
-        raise ReidTuneError(f"{where}: expected 'pid,path', got {line!r}")
+        raise InputError(f"{where}: expected 'pid,path', got {line!r}")
     pid, fid = (field.strip() for field in fields)
     if not pid or not fid:
-        raise ReidTuneError(f"{where}: empty {'pid' if not pid else 'path'} in {line!r}, expected 'pid,path'")
+        raise InputError(f"{where}: empty {'pid' if not pid else 'path'} in {line!r}, expected 'pid,path'")
     return pid, fid
 
 
@@ -112,7 +111,7 @@ def _check_images(dataset: ReidDataset, image_root: Path) -> None:
     for row, fid in enumerate(dataset.fids, start=1):
         problem = _image_problem(image_root / fid)
         if problem:
-            raise ReidTuneError(f"{dataset.source}:{row}: image {image_root / fid}: {problem}")
+            raise InputError(f"{dataset.source}:{row}: image {image_root / fid}: {problem}")
 
 
 def _image_problem(path: Path) -> str | None:
@@ -123,12 +122,8 @@ def _image_problem(path: Path) -> str | None:
         with Image.open(path) as image:
             image.verify()
     except _PIL_ERRORS as exc:
-        return f"not readable as an image ({_one_line(exc)})"
+        return f"not readable as an image ({one_line(exc)})"
     return None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def check_trainable(dataset: ReidDataset, *, min_images: int = 2) -> None:
@@ -137,50 +132,29 @@ def check_trainable(dataset: ReidDataset, *, min_images: int = 2) -> None:
     counts = Counter(pids)
     for row, (pid, fid) in enumerate(zip(pids, dataset.fids), start=1):
         if counts[pid] < min_images:
-            raise ReidTuneError(
+            raise InputError(
                 f"{dataset.source}:{row}: identity {pid!r} has {counts[pid]} image(s) ({fid}), "
                 f"expected at least {min_images} to train on"
             )
 
 
 def write_csv(path: str | Path, pids: Sequence[str] | np.ndarray, fids: Sequence[str] | np.ndarray) -> None:
-    """Write a ``pid,path`` CSV atomically (a temporary file, then ``os.replace``)."""
-    path = Path(path)
-    _write_files({path: _csv_text(pids, fids, name=str(path))})
+    """Write a ``pid,path`` CSV atomically ."""
+    write_text(path, _csv_text(pids, fids, name=str(path)))
 
 
 def _csv_text(pids: Sequence[str] | np.ndarray, fids: Sequence[str] | np.ndarray, *, name: str) -> str:
     """The CSV text, refusing values the comma-separated format cannot hold."""
     if len(pids) != len(fids):
-        raise ReidTuneError(f"{name}: {len(pids)} pids but {len(fids)} paths, expected one pid per path")
+        raise InputError(f"{name}: {len(pids)} pids but {len(fids)} paths, expected one pid per path")
     for row, (pid, fid) in enumerate(zip(pids, fids), start=1):
         for value in (str(pid), str(fid)):
             if not value or any(char in value for char in ",\r\n"):
-                raise ReidTuneError(
+                raise InputError(
                     f"{name}:{row}: cannot write {value!r}, expected a non-empty value without ','"
                     " or newlines"
                 )
     return "".join(f"{pid},{fid}\n" for pid, fid in zip(pids, fids))
-
-
-def _write_files(files: Mapping[Path, str]) -> None:
-    """Write all ``files`` or none: each goes to a temporary file first, then all are renamed."""
-    temps: list[tuple[Path, Path]] = []
-    try:
-        for path, text in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-            with open(temp, "x", encoding="utf-8", newline="\n") as handle:
-                temps.append((temp, path))
-                handle.write(text)
-        for temp, path in temps:
-            os.replace(temp, path)
-    except OSError as exc:
-        culprit = exc.filename or next(iter(files))
-        raise ReidTuneError(f"{culprit}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        for temp, _ in temps:
-            temp.unlink(missing_ok=True)
 
 
 # Images and camera conventions
@@ -193,15 +167,13 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except _PIL_ERRORS as exc:
-        raise ReidTuneError(
-            f"{path}: cannot read image ({_one_line(exc)}), expected a JPEG/PNG/PGM file"
+        raise InputError(
+            f"{path}: cannot read image ({one_line(exc)}), expected a JPEG/PNG/PGM file"
         ) from None
 
 
 def _check_convention(convention: str) -> None:
-    if convention not in CONVENTIONS:
-        choices = ", ".join(CONVENTIONS)
-        raise ReidTuneError(f"unknown camera convention {convention!r}, expected one of {choices}")
+    choose("convention", convention, CONVENTIONS)
 
 
 def _parse_names(fids: Sequence[str] | np.ndarray, convention: str) -> list[re.Match[str]]:
@@ -212,7 +184,7 @@ def _parse_names(fids: Sequence[str] | np.ndarray, convention: str) -> list[re.M
         name = os.path.splitext(os.path.basename(fid))[0]
         match = pattern.fullmatch(name)
         if match is None:
-            raise ReidTuneError(
+            raise InputError(
                 f"{fid}: file name {name!r} does not match the {convention} convention {pattern.pattern!r}"
             )
         matches.append(match)
@@ -234,7 +206,7 @@ def pids_from_names(fids: Sequence[str] | np.ndarray, convention: str) -> np.nda
     """Person id of each image as written in its file name ('0002', '-1', '0000')."""
     _check_convention(convention)
     if convention == "none":
-        raise ReidTuneError(
+        raise InputError(
             "camera convention 'none' has no person ids in file names, expected market1501, duke or cuhk03"
         )
     return np.array([match.group(1) for match in _parse_names(fids, convention)], dtype=str)
@@ -246,14 +218,13 @@ def pids_from_names(fids: Sequence[str] | np.ndarray, convention: str) -> np.nda
 
 def prepare(kind: str, src: str | Path, out: str | Path) -> list[Path]:
     """Write the CSV lists of the data set at ``src`` into ``out``; all of them or, on any error, none."""
-    if kind not in _CONVERTERS:
-        raise ReidTuneError(f"unknown data set kind {kind!r}, expected one of {', '.join(_CONVERTERS)}")
+    choose("kind", kind, DATASET_KINDS)
     src, out = Path(src), Path(out)
     if not src.is_dir():
-        raise ReidTuneError(f"{src}: no such folder, expected the unpacked {kind} data set")
+        raise InputError(f"{src}: no such folder, expected the unpacked {kind} data set")
     lists = _CONVERTERS[kind](src)
     paths = [out / name for name in lists]
-    _write_files({out / name: _csv_text(ds.pids, ds.fids, name=name) for name, ds in lists.items()})
+    write_texts({out / name: _csv_text(ds.pids, ds.fids, name=name) for name, ds in lists.items()})
     return paths
 
 
@@ -261,15 +232,15 @@ def _image_fids(src: Path, sub: str) -> np.ndarray:
     """Sorted paths (relative to ``src``) of the readable images directly in ``src/sub``."""
     folder = src / sub
     if not folder.is_dir():
-        raise ReidTuneError(f"{folder}: no such folder, expected a folder of images")
+        raise InputError(f"{folder}: no such folder, expected a folder of images")
     names = sorted(entry.name for entry in os.scandir(folder) if _is_image(entry))
     if not names:
         endings = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise ReidTuneError(f"{folder}: no images, expected files ending in {endings}")
+        raise InputError(f"{folder}: no images, expected files ending in {endings}")
     for name in names:
         problem = _image_problem(folder / name)
         if problem:
-            raise ReidTuneError(f"{folder / name}: {problem}")
+            raise InputError(f"{folder / name}: {problem}")
     return np.array([f"{sub}/{name}" if sub else name for name in names], dtype=str)
 
 
@@ -292,7 +263,7 @@ def _named(fids: np.ndarray, convention: str, name: str) -> ReidDataset:
 def _subset(dataset: ReidDataset, keep: np.ndarray, name: str) -> ReidDataset:
     """The rows selected by ``keep``; an empty selection is an error naming the list."""
     if not keep.any():
-        raise ReidTuneError(
+        raise InputError(
             f"{name}: no images would be listed (from {dataset.source}), expected at least one"
         )
     return ReidDataset(dataset.pids[keep], dataset.fids[keep], name)
@@ -321,13 +292,13 @@ def _cuhk03_splits(src: Path) -> list[tuple[str, str]]:
     has_images = any(_is_image(entry) for entry in os.scandir(src))
     subs = _sub_folders(src)
     if has_images and subs:
-        raise ReidTuneError(
+        raise InputError(
             f"{src}: holds both images and sub-folders ({', '.join(subs)}), expected one or the other"
         )
     if has_images:
         return [("all", "")]
     if not subs:
-        raise ReidTuneError(f"{src}: no images and no split sub-folders, expected PPPP_NN.jpg files")
+        raise InputError(f"{src}: no images and no split sub-folders, expected PPPP_NN.jpg files")
     return [(sub, sub) for sub in subs]
 
 
@@ -350,7 +321,7 @@ def _folder(src: Path) -> dict[str, ReidDataset]:
     name = f"{src.resolve().name}.csv"
     identities = _sub_folders(src)
     if not identities:
-        raise ReidTuneError(f"{src}: no sub-folders, expected one sub-folder of images per identity")
+        raise InputError(f"{src}: no sub-folders, expected one sub-folder of images per identity")
     fids = [_image_fids(src, identity) for identity in identities]
     pids = np.concatenate([np.full(len(group), identity) for identity, group in zip(identities, fids)])
     dataset = ReidDataset(pids.astype(str), np.concatenate(fids), name)
@@ -358,10 +329,9 @@ def _folder(src: Path) -> dict[str, ReidDataset]:
     return {name: dataset}
 
 
-_CONVERTERS: dict[str, Callable[[Path], dict[str, ReidDataset]]] = {
+_CONVERTERS: dict[str, Callable[[Path], dict[str, ReidDataset]]] = {  # vocabulary.DATASET_KINDS
     "market1501": _market1501,
     "duke": _duke,
     "cuhk03": _cuhk03,
     "folder": _folder,
 }
-KINDS = tuple(_CONVERTERS)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import torch
 
-METRICS = ("euclidean", "sqeuclidean", "cityblock")
+from reid_tune.errors import ConfigError
+from reid_tune.vocabulary import METRICS, choose
 
 # triplet-reid adds this inside the square root: the gradient of sqrt is undefined at 0.
 EUCLIDEAN_EPS = 1e-12
 
 
 def check_metric(metric: str) -> str:
-    """Return ``metric`` if supported, else raise ``ValueError`` naming the choices."""
-    if metric not in METRICS:
-        raise ValueError(f"metric={metric!r}: must be one of {', '.join(METRICS)}")
+    """Return ``metric`` if supported, else raise a ``ConfigError`` naming the choices."""
+    choose("metric", metric, METRICS)
     return metric
 
 
@@ -26,7 +26,7 @@ def cdist(a: torch.Tensor, b: torch.Tensor, metric: str = "euclidean") -> torch.
     """
     check_metric(metric)
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"cdist: expected (N, D) and (M, D), got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ConfigError(f"cdist: expected (N, D) and (M, D), got {tuple(a.shape)} and {tuple(b.shape)}")
     diffs = a[:, None, :] - b[None, :, :]  # (N, M, D)
     if metric == "cityblock":
         return diffs.abs().sum(-1)

@@ -9,13 +9,12 @@ import numpy as np
 import torch
 
 from reid_tune.atomic import atomic_path
-from reid_tune.augmentation import AGGREGATORS, eval_views, view_names
+from reid_tune.augmentation import AGGREGATE, eval_views, view_names
 from reid_tune.config import TrainConfig
 from reid_tune.datasets import load_csv, load_image
-from reid_tune.errors import ReidTuneError
+from reid_tune.errors import InputError
 from reid_tune.models import ReidModel
-
-FORMATS = ("h5", "csv")
+from reid_tune.vocabulary import AGGREGATORS, EMBED_FORMATS, choose
 
 
 class _Views(torch.utils.data.Dataset):
@@ -53,7 +52,7 @@ def embed_images(model: ReidModel, paths: list[Path], cfg: TrainConfig, *, crop_
             emb = model(views.flatten(0, 1).to(device, non_blocking=True))  # (B*V, D)
         out.append(emb.float().view(b, v, -1).cpu())
     if not out:
-        raise ReidTuneError("embed: the data set is empty")
+        raise InputError("embed: the data set is empty")
     return torch.cat(out).transpose(0, 1).numpy()  # (V, N, D)
 
 
@@ -61,7 +60,7 @@ def aggregate(views: np.ndarray, aggregator: str | None) -> np.ndarray:
     """One embedding per image: the only view, or the views combined (``mean`` unless told otherwise)."""
     if len(views) == 1:
         return views[0]
-    return np.asarray(AGGREGATORS[aggregator or "mean"](views), np.float32)
+    return np.asarray(AGGREGATE[aggregator or "mean"](views), np.float32)
 
 
 def write_h5(path: Path, views: np.ndarray, names: list[str], aggregator: str | None) -> None:
@@ -87,10 +86,9 @@ def embed_dataset(model: ReidModel, cfg: TrainConfig, dataset_csv: str | Path, i
                   aggregator: str | None = None, batch_size: int = 256, fmt: str = "h5",
                   num_workers: int = 2, device: str | torch.device = "cpu") -> Path:
     """Embed every image of a triplet-reid CSV into ``out`` (HDF5 or CSV); returns ``out``."""
-    if fmt not in FORMATS:
-        raise ReidTuneError(f"format={fmt!r}: must be one of {', '.join(FORMATS)}")
-    if aggregator is not None and aggregator not in AGGREGATORS:
-        raise ReidTuneError(f"aggregator={aggregator!r}: must be one of {', '.join(AGGREGATORS)}")
+    choose("format", fmt, EMBED_FORMATS)
+    if aggregator is not None:
+        choose("aggregator", aggregator, AGGREGATORS)
     dataset = load_csv(dataset_csv, image_root=image_root, check_images=True)
     paths = [Path(image_root) / fid for fid in dataset.fids]
     views = embed_images(model, paths, cfg, crop_augment=crop_augment, flip_augment=flip_augment,

@@ -36,13 +36,12 @@ import h5py
 import numpy as np
 import torch
 
-from reid_tune.datasets import camera_ids, load_csv, pids_from_names
-from reid_tune.distances import METRICS, cdist
 from reid_tune.atomic import write_text
-from reid_tune.errors import ReidTuneError
+from reid_tune.datasets import camera_ids, load_csv, pids_from_names
+from reid_tune.distances import cdist
+from reid_tune.errors import ConfigError, ReidTuneError
+from reid_tune.vocabulary import CAMERA_EXCLUDERS, EXCLUDERS, METRICS, choose
 
-EXCLUDERS = ("market1501", "duke", "cuhk03", "diagonal", "none")
-CAMERA_EXCLUDERS = ("market1501", "duke", "cuhk03")
 JUNK_PID = "-1"
 
 # A row is recomputed exactly when another entry lies within this of a positive's distance key:
@@ -72,7 +71,7 @@ class EvalResult:
     def rank(self, k: int) -> float:
         """CMC at rank ``k`` (1-based): the fraction of all queries matched within the top ``k``."""
         if k < 1:
-            raise ValueError(f"rank k={k}: must be >= 1")
+            raise ConfigError(f"rank k={k}: must be >= 1")
         return float(self.cmc[min(k, len(self.cmc)) - 1])
 
     def to_json(self) -> dict:
@@ -197,10 +196,8 @@ def evaluate_files(
 
 
 def _check_choices(*, excluder: str, metric: str) -> None:
-    if excluder not in EXCLUDERS:
-        raise ReidTuneError(f"excluder={excluder!r}: expected one of {', '.join(EXCLUDERS)}")
-    if metric not in METRICS:
-        raise ReidTuneError(f"metric={metric!r}: expected one of {', '.join(METRICS)}")
+    choose("excluder", excluder, EXCLUDERS)
+    choose("metric", metric, METRICS)
 
 
 def _strings(values: np.ndarray, name: str) -> np.ndarray:

@@ -17,7 +17,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reid_tune.atomic import atomic_path, remove_stale_temps
 from reid_tune.augmentation import batch_train_augment, resized
 from reid_tune.config import TrainConfig
 from reid_tune.datasets import ReidDataset, load_image
@@ -111,20 +111,19 @@ def _locked(path: Path) -> Iterator[None]:
 def _build(path: Path, fids: Sequence[str] | np.ndarray, root: Path, size: tuple[int, int], *,
            workers: int) -> None:
     """Decode into a temporary file beside ``path``, then rename it: readers never see a partial cache."""
-    for stale in path.parent.glob(f"{path.stem}.*.tmp"):  # left by a builder that was killed
-        stale.unlink()
-    handle, name = tempfile.mkstemp(prefix=f"{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        cache = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=(len(fids), 3, *size))
-        with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
-            list(pool.map(lambda i: _decode_into(cache, i, root / fids[i], size), range(len(fids))))  # raises
+    remove_stale_temps(path)  # left by a builder that was killed (we hold the cache's lock)
+    with atomic_path(path) as temp:
+        cache = np.lib.format.open_memmap(temp, mode="w+", dtype=np.uint8, shape=(len(fids), 3, *size))
+        _decode_all(cache, fids, root, size, workers=workers)
         cache.flush()
-        del cache
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+        del cache  # unmapped before the rename
+
+
+def _decode_all(cache: np.ndarray, fids: Sequence[str] | np.ndarray, root: Path, size: tuple[int, int], *,
+                workers: int) -> None:
+    """Every row of the cache, decoded in ``workers`` threads (PIL releases the GIL while decoding)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda i: _decode_into(cache, i, root / fids[i], size), range(len(fids))))  # raises
 
 
 def _decode_into(cache: np.ndarray, index: int, path: Path, size: tuple[int, int]) -> None:

@@ -15,24 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from reid_tune.distances import cdist, check_metric
-
-MARGIN_WORDS = ("soft", "none")
+from reid_tune.errors import ConfigError
+from reid_tune.vocabulary import LOSSES, choose, parse_margin
 
 # A loss above this counts as an active (non-zero) triplet, as in triplet-reid's ``num_active``.
 ACTIVE_THRESHOLD = 1e-5
-
-
-def parse_margin(value: str | float) -> float | str:
-    """A margin as ``float >= 0``, ``'soft'`` (softplus) or ``'none'`` (no margin); strings like '0.2' too."""
-    if isinstance(value, str) and value.strip().lower() in MARGIN_WORDS:
-        return value.strip().lower()
-    try:
-        margin = float(value)
-    except (TypeError, ValueError):
-        margin = math.nan
-    if isinstance(value, bool) or not (math.isfinite(margin) and margin >= 0):
-        raise ValueError(f"margin={value!r}: must be a number >= 0, 'soft' or 'none'")
-    return margin
 
 
 def apply_margin(x: torch.Tensor, margin: str | float) -> torch.Tensor:
@@ -48,7 +35,7 @@ def apply_margin(x: torch.Tensor, margin: str | float) -> torch.Tensor:
 def _pair_masks(dists: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean (B, B) masks of positive pairs (same label, not itself) and negative pairs."""
     if dists.dim() != 2 or dists.shape[0] != dists.shape[1] or labels.shape != dists.shape[:1]:
-        raise ValueError(
+        raise ConfigError(
             f"dists {tuple(dists.shape)} and labels {tuple(labels.shape)}: must be (B, B) and (B,)"
         )
     same = labels[:, None] == labels[None, :]
@@ -86,7 +73,7 @@ def batch_all(dists: torch.Tensor, labels: torch.Tensor, margin: str | float) ->
 
 
 Miner = Callable[[torch.Tensor, torch.Tensor, str | float], torch.Tensor]
-MINERS: dict[str, Miner] = {"batch_hard": batch_hard, "batch_all": batch_all}
+MINERS: dict[str, Miner] = {"batch_hard": batch_hard, "batch_all": batch_all}  # vocabulary.LOSSES
 
 
 Stats3 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -131,7 +118,7 @@ def triplet_stats(
     """
     batch = len(labels)
     if not 1 <= k <= batch - 1:
-        raise ValueError(f"k={k}: must be in [1, {batch - 1}] (batch size - 1)")
+        raise ConfigError(f"k={k}: must be in [1, {batch - 1}] (batch size - 1)")
     dists, losses = dists.detach(), losses.detach()
     positive, negative = _pair_masks(dists, labels)
     same = labels[:, None] == labels[None, :]
@@ -167,10 +154,9 @@ class TripletLoss(torch.nn.Module):
         precision_k: int | None = None,
     ) -> None:
         super().__init__()
-        if mining not in MINERS:
-            raise ValueError(f"mining={mining!r}: must be one of {', '.join(MINERS)}")
+        choose("mining", mining, LOSSES)
         if precision_k is not None and precision_k < 1:
-            raise ValueError(f"precision_k={precision_k}: must be >= 1 or None")
+            raise ConfigError(f"precision_k={precision_k}: must be >= 1 or None")
         self.margin = parse_margin(margin)
         self.metric = check_metric(metric)
         self.mining = mining
@@ -182,7 +168,7 @@ class TripletLoss(torch.nn.Module):
         """Mean loss over the mined triplets, and :func:`triplet_stats` (empty if ``precision_k`` is None)."""
         if embeddings.dim() != 2 or labels.shape != embeddings.shape[:1]:
             shapes = f"embeddings {tuple(embeddings.shape)} and labels {tuple(labels.shape)}"
-            raise ValueError(f"{shapes}: must be (B, D) and (B,)")
+            raise ConfigError(f"{shapes}: must be (B, D) and (B,)")
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
             dists = cdist(embeddings, embeddings, self.metric)

@@ -10,14 +10,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
-from reid_tune.errors import ReidTuneError
+from reid_tune.errors import ConfigError, ReidTuneError
+from reid_tune.vocabulary import is_int, one_line
+
+if TYPE_CHECKING:  # torchvision takes seconds to import: only the builders that need it do
+    import torchvision
 
 _NETWORKS: dict[str, Callable[..., nn.Module]] = {}
 _HEADS: dict[str, Callable[..., nn.Module]] = {}
@@ -29,7 +32,7 @@ def _register(
     """Add ``fn`` to ``registry`` under ``name`` (default: its ``__name__``); names are unique."""
     name = name or fn.__name__
     if name in registry:
-        raise ValueError(f"name={name!r}: already registered")
+        raise ConfigError(f"name={name!r}: already registered")
     registry[name] = fn
     return fn
 
@@ -55,19 +58,13 @@ def list_heads() -> list[str]:
 
 
 def _lookup(registry: dict[str, Callable[..., nn.Module]], kind: str, name: str) -> Callable[..., nn.Module]:
-    """The builder registered as ``name``, or a one-line ``ValueError`` listing the choices."""
+    """The builder registered as ``name``, or a one-line ``ConfigError`` listing the choices."""
     if name not in registry:
-        raise ValueError(f"{kind}={name!r}: unknown; choose from {', '.join(sorted(registry))}")
+        raise ConfigError(f"{kind}={name!r}: unknown; expected one of {', '.join(sorted(registry))}")
     return registry[name]
 
 
 # --- pretrained weights ----------------------------------------------------------------------------
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """``exc``'s message collapsed onto one line and truncated, for one-line user errors."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _download(weights: torchvision.models.WeightsEnum, pretrained: str) -> dict[str, torch.Tensor]:
@@ -94,7 +91,7 @@ def _read_state_dict(pretrained: str, choices: Sequence[str], network: str) -> d
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for a file that is not a state_dict
         raise ReidTuneError(
-            f"pretrained={pretrained!r}: not a readable state_dict ({_one_line(exc)})"
+            f"pretrained={pretrained!r}: not a readable state_dict ({one_line(exc)})"
         ) from exc
     if not isinstance(state, dict):
         raise ReidTuneError(
@@ -125,14 +122,14 @@ def _load_pretrained(
     try:
         trunk.load_state_dict(state)
     except RuntimeError as exc:
-        raise ReidTuneError(f"pretrained={pretrained!r}: does not fit {network} ({_one_line(exc)})") from exc
+        raise ReidTuneError(f"pretrained={pretrained!r}: does not fit {network} ({one_line(exc)})") from exc
 
 
 # --- torchvision trunks ----------------------------------------------------------------------------
 
 # network -> attribute holding torchvision's ImageNet classifier, replaced by Identity so that the
 # model returns its globally average-pooled feature.
-_TORCHVISION_TRUNKS = {
+_TORCHVISION_TRUNKS = {  # with _LUNET_VARIANTS: vocabulary.NETWORKS
     "resnet18": "fc",
     "resnet34": "fc",
     "resnet50": "fc",
@@ -143,6 +140,8 @@ _TORCHVISION_TRUNKS = {
 
 def _torchvision_trunk(network: str, classifier: str, *, pretrained: str | None = None) -> nn.Module:
     """torchvision's ``network`` without its classifier: (B, 3, H, W) -> pooled feature (B, F)."""
+    import torchvision
+
     model = torchvision.models.get_model(network, weights=None)
     last_linear = [m for m in getattr(model, classifier).modules() if isinstance(m, nn.Linear)][-1]
     setattr(model, classifier, nn.Identity())
@@ -161,7 +160,7 @@ for _network, _classifier in _TORCHVISION_TRUNKS.items():
 
 # network -> LuNet arguments. Like the paper's LuNet (residual blocks, leaky ReLU, BatchNorm), but
 # slimmer: every stage after the first halves the resolution, and global average pooling ends it.
-_LUNET_VARIANTS = {
+_LUNET_VARIANTS = {  # with _TORCHVISION_TRUNKS: vocabulary.NETWORKS
     "lunet_small": {"stem_width": 32, "widths": (32, 64, 128, 256), "depths": (1, 1, 1, 1)},
 }
 
@@ -268,7 +267,7 @@ class EmbeddingHead(nn.Module):
 
 
 # head -> (hidden width, L2-normalise), as triplet-reid's heads/<name>.py
-_HEAD_VARIANTS = {
+_HEAD_VARIANTS = {  # vocabulary.HEADS
     "fc1024": (1024, False),
     "fc1024_normalize": (1024, True),
     "direct": (None, False),
@@ -321,8 +320,8 @@ def create_model(
     """
     build_trunk = _lookup(_NETWORKS, "network", network)
     build_head = _lookup(_HEADS, "head", head)
-    if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim <= 0:
-        raise ValueError(f"embedding_dim={embedding_dim!r}: must be a positive integer")
+    if not is_int(embedding_dim) or embedding_dim <= 0:
+        raise ConfigError(f"embedding_dim={embedding_dim!r}: must be a positive integer")
     trunk = build_trunk(pretrained=pretrained)
     embedding_head = build_head(trunk.feature_dim, embedding_dim=embedding_dim)
     return ReidModel(trunk, embedding_head, network=network, head_name=head)

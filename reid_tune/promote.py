@@ -17,26 +17,29 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from reid_tune.checkpoints import find_checkpoint, load_model
 from reid_tune.datasets import load_csv
+from reid_tune.devices import resolve_device
 from reid_tune.embed import embed_dataset
-from reid_tune.errors import ReidTuneError
+from reid_tune.errors import TrackingError
 from reid_tune.evaluate import EvalResult, evaluate_files
-from reid_tune.tracking import (
+from reid_tune.search.keys import (
     BEST_METRIC,
+    CHAMPION_TAG,
     CHECKPOINT_ARTIFACTS,
+    CMC_PLOT,
     DATASET_TAG,
     MODEL_NAME_TAG,
     ROLE_TAG,
     SEARCH_TAG,
+    TEST_ARTIFACTS,
+    TEST_FILE,
+    TEST_PREFIX,
     TRIAL_TAG,
-    client_for,
-    cmc_plot,
-    log_champion,
-    register_model,
 )
-from reid_tune.train import find_checkpoint, load_model, resolve_device
-
-TEST_ARTIFACTS = "test"
+from reid_tune.tracking.plots import cmc_plot
+from reid_tune.tracking.registry import log_champion, register_model
+from reid_tune.tracking.store import client_for
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ def find_search(client: MlflowClient, search: str) -> Run:
     if re.fullmatch(r"[0-9a-f]{32}", search):
         run = client.get_run(search)
         if run.data.tags.get(ROLE_TAG) != "search":
-            raise ReidTuneError(f"promote {search}: run is not a reid-tune search (no {ROLE_TAG}=search tag)")
+            raise TrackingError(f"promote {search}: run is not a reid-tune search (no {ROLE_TAG}=search tag)")
         return run
     experiment = client.get_experiment_by_name(search)
     runs = (
@@ -77,7 +80,7 @@ def find_search(client: MlflowClient, search: str) -> Run:
         )
     )
     if not runs:
-        raise ReidTuneError(
+        raise TrackingError(
             f"promote {search}: no reid-tune search in MLflow experiment {search!r} "
             f"(tracking URI {client.tracking_uri})"
         )
@@ -93,7 +96,7 @@ def best_trial(client: MlflowClient, parent: Run) -> Run:
     )
     scored = [run for run in runs if BEST_METRIC in run.data.metrics]
     if not scored:
-        raise ReidTuneError(
+        raise TrackingError(
             f"promote: search run {parent.info.run_id} has no trial with a validated checkpoint"
         )
     return scored[0]
@@ -104,7 +107,7 @@ def test_lists(parent: Run) -> tuple[Path, Path, Path, str]:
     params = parent.data.params
     query, gallery = params.get("data.test_query", "None"), params.get("data.test_gallery", "None")
     if "None" in (query, gallery):
-        raise ReidTuneError(
+        raise TrackingError(
             f"promote: search run {parent.info.run_id} has no data.test_query/test_gallery; "
             "add them to the search-space file"
         )
@@ -128,7 +131,7 @@ def test_champion(checkpoint: Path, parent: Run, out: Path, *, device: str) -> E
         files["gallery"],
         excluder=convention,
         metric=cfg.metric,
-        out_json=out / "test.json",
+        out_json=out / TEST_FILE,
         device=dev,
     )
 
@@ -138,7 +141,7 @@ def promote(
 ) -> Promotion:
     """Test the best trial of ``search`` on the test lists, log it as an MLflow model with the test
     metrics and register it as ``name@champion``."""
-    client = client_for(tracking_uri)
+    client = client_for(tracking_uri, existing=True)
     parent = find_search(client, search)
     best = best_trial(client, parent)
     run_id = best.info.run_id
@@ -149,7 +152,7 @@ def promote(
         out = Path(tmp) / TEST_ARTIFACTS
         out.mkdir()
         result = test_champion(checkpoint, parent, out, device=device)
-        cmc_plot(json.loads((out / "test.json").read_text())["CMC"], out / "cmc.png", title="test CMC")
+        cmc_plot(json.loads((out / TEST_FILE).read_text())["CMC"], out / CMC_PLOT, title="test CMC")
         client.log_artifacts(run_id, str(out), TEST_ARTIFACTS)
         facts = champion_tags(parent, best, result)
         model_id = log_champion(
@@ -158,7 +161,7 @@ def promote(
         version = register_model(
             client, name, model_id, description=champion_note(parent, best, result), tags=facts
         )
-    client.set_tag(parent.info.run_id, "reid_tune.champion", f"{name}/{version}")
+    client.set_tag(parent.info.run_id, CHAMPION_TAG, f"{name}/{version}")
     return Promotion(
         name=name, version=version, run_id=run_id, trial_id=best.data.tags.get(TRIAL_TAG, ""), test=result
     )
@@ -167,11 +170,11 @@ def promote(
 def test_metrics(result: EvalResult) -> dict[str, float]:
     """The champion's test numbers under ``test/``, as logged on its run and its model."""
     return {
-        "test/mAP": result.mAP,
-        "test/rank1": result.rank(1),
-        "test/rank5": result.rank(5),
-        "test/rank10": result.rank(10),
-        "test/mINP": result.mINP,
+        f"{TEST_PREFIX}mAP": result.mAP,
+        f"{TEST_PREFIX}rank1": result.rank(1),
+        f"{TEST_PREFIX}rank5": result.rank(5),
+        f"{TEST_PREFIX}rank10": result.rank(10),
+        f"{TEST_PREFIX}mINP": result.mINP,
     }
 
 

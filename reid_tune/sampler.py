@@ -14,10 +14,12 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from reid_tune.errors import ConfigError
+
 
 def _check_at_least(name: str, value: int, minimum: int) -> None:
     if value < minimum:
-        raise ValueError(f"{name}={value}: must be >= {minimum}")
+        raise ConfigError(f"{name}={value}: must be >= {minimum}")
 
 
 def _draw_k(rng: np.random.Generator, images: np.ndarray, k: int) -> np.ndarray:
@@ -36,7 +38,7 @@ class PKSampler:
         _check_at_least("seed", seed, 0)
         unique, labels = np.unique(np.asarray(pids), return_inverse=True)
         if batch_p > len(unique):
-            raise ValueError(f"batch_p={batch_p}: must be <= the number of identities ({len(unique)})")
+            raise ConfigError(f"batch_p={batch_p}: must be <= the number of identities ({len(unique)})")
         self.batch_p = batch_p
         self.batch_k = batch_k
         self.batch_size = batch_p * batch_k
@@ -85,10 +87,10 @@ def shard_batch(indices: np.ndarray, *, batch_p: int, batch_k: int, rank: int, w
     indices = np.asarray(indices)
     _check_at_least("world_size", world_size, 1)
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank}: must be in [0, {world_size})")
+        raise ConfigError(f"rank={rank}: must be in [0, {world_size})")
     if batch_p % world_size:
-        raise ValueError(f"batch_p={batch_p}: must be divisible by world_size={world_size}")
+        raise ConfigError(f"batch_p={batch_p}: must be divisible by world_size={world_size}")
     if indices.shape != (batch_p * batch_k,):
-        raise ValueError(f"indices shape {indices.shape}: must be ({batch_p * batch_k},), batch_p*batch_k")
+        raise ConfigError(f"indices shape {indices.shape}: must be ({batch_p * batch_k},), batch_p*batch_k")
     per_worker = batch_p // world_size
     return indices.reshape(batch_p, batch_k)[rank * per_worker : (rank + 1) * per_worker].reshape(-1)

@@ -9,15 +9,13 @@ raw colours across cameras is not enough, yet a small CNN learns it in a few hun
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from reid_tune.atomic import atomic_path
 from reid_tune.datasets import prepare
 from reid_tune.errors import ReidTuneError
 
@@ -92,9 +90,8 @@ def generate_demo(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ReidTuneError(f"{out}: already exists and is not empty, expected a new or empty folder")
-    build = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
-    build.mkdir(parents=True)
-    try:
+    with atomic_path(out) as build:
+        build.mkdir()
         _write_tree(
             build,
             _Generator(np.random.default_rng(seed), size, num_cameras),
@@ -105,9 +102,6 @@ def generate_demo(
             distractors=distractors,
         )
         csvs = prepare("market1501", build, build)
-        os.replace(build, out)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
     return [out / csv.name for csv in csvs]
 
 

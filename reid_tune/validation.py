@@ -24,8 +24,6 @@ from reid_tune.evaluate import EvalResult, evaluate
 from reid_tune.models import ReidModel
 
 SPLIT_FILES = {"train": "train.csv", "query": "val_query.csv", "gallery": "val_gallery.csv"}
-# The test-time excluder of each camera convention (same identity and camera is no match).
-EXCLUDERS = {"market1501": "market1501", "duke": "duke", "cuhk03": "cuhk03", "none": "none"}
 
 
 @dataclass(frozen=True)
@@ -39,8 +37,9 @@ class ValidationSplit:
 
     @property
     def excluder(self) -> str:
-        """Which gallery entries a query ignores, as in the test evaluation."""
-        return EXCLUDERS[self.convention]
+        """Which gallery entries a query ignores, as in the test evaluation: each camera convention names
+        its own excluder (same identity and camera is no match)."""
+        return self.convention
 
 
 def held_out_count(num_ids: int, *, identities: int | None = None, fraction: float | None = None) -> int:

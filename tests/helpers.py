@@ -1,5 +1,5 @@
-"""Test helpers shared by several modules: an interrupting training callback, search-space documents
-and files, a real ``mlflow server`` subprocess and the trial runs it tracks."""
+"""Test helpers shared by several modules: the CLI in a fresh process, an interrupting training callback,
+search-space documents and files, a real ``mlflow server`` subprocess and the trial runs it tracks."""
 
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ if TYPE_CHECKING:  # mlflow and Ray take seconds to import; only the search test
     from mlflow.tracking import MlflowClient
 
     from reid_tune.search.algorithms import PruningOptunaSearch
+
+
+def reid_tune(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would (a fresh process), capturing its output."""
+    return subprocess.run([sys.executable, "-m", "reid_tune.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
 
 
 class InterruptAt(TrainCallback):
@@ -119,7 +125,7 @@ def write_space(folder: Path, data: Path, name: str, *, tracking_uri: str | None
 
 def trial_runs(client: MlflowClient, experiment: str) -> list[Run]:
     """The nested MLflow runs of a search's trials."""
-    from reid_tune.tracking import ROLE_TAG
+    from reid_tune.search.keys import ROLE_TAG
 
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
@@ -143,7 +149,7 @@ def assert_study_matches_tune(root: Path, budget: int) -> None:
     from pytest import approx
     from ray.tune import ExperimentAnalysis
 
-    from reid_tune.search.trainable import METRIC, TIME_ATTR
+    from reid_tune.search.keys import METRIC, TIME_ATTR
 
     searcher = restored_searcher(root, budget)
     tune = ExperimentAnalysis(str(root))

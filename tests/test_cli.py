@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-
-def reid_tune(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI as a user would (a fresh process), capturing its output."""
-    return subprocess.run([sys.executable, "-m", "reid_tune.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+from helpers import reid_tune
 
 
 @pytest.mark.slow

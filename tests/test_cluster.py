@@ -27,11 +27,10 @@ from ray._private.node import Node
 from ray.cluster_utils import Cluster
 from ray.tune import ExperimentAnalysis
 
-from reid_tune.search import run_search
+from reid_tune.search.keys import NODE_KEY, TIME_ATTR, TRIAL_TAG
 from reid_tune.search.summary import SearchSummary
-from reid_tune.search.trainable import NODE_KEY, TIME_ATTR
+from reid_tune.search.tuner import run_search
 from reid_tune.synthetic import generate_demo
-from reid_tune.tracking import TRIAL_TAG
 
 pytestmark = pytest.mark.slow
 

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from reid_tune.checkpoints import load_model
 from reid_tune.config import TrainConfig
 from reid_tune.datasets import load_csv, prepare
 from reid_tune.embed import embed_images
 from reid_tune.evaluate import EvalResult, evaluate
 from reid_tune.models import ReidModel, create_model
-from reid_tune.train import load_model, train
+from reid_tune.train import train
 
 
 def _val_result(model: ReidModel, cfg: TrainConfig, lists: Path, root: Path) -> EvalResult:

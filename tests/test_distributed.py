@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from reid_tune.losses import TripletLoss
 from reid_tune.sampler import shard_batch
-from reid_tune.train import TrainStep
+from reid_tune.steps import TrainStep
 
 P, K = 4, 3
 

@@ -8,11 +8,12 @@ import h5py
 import numpy as np
 import pytest
 
+from reid_tune.checkpoints import find_checkpoint, load_model
 from reid_tune.config import TrainConfig
 from reid_tune.datasets import load_csv
 from reid_tune.embed import embed_dataset
 from reid_tune.errors import ReidTuneError
-from reid_tune.train import find_checkpoint, load_model, train
+from reid_tune.train import train
 
 
 @pytest.fixture(scope="module")

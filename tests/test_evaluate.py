@@ -13,7 +13,7 @@ import torch
 
 from reid_tune.datasets import camera_ids, pids_from_names, write_csv
 from reid_tune.errors import ReidTuneError
-from reid_tune.evaluate import EXCLUDERS, EvalResult, evaluate, evaluate_files
+from reid_tune.evaluate import EvalResult, evaluate, evaluate_files
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_eval  # noqa: E402
@@ -269,10 +269,6 @@ def test_bad_arrays() -> None:
         evaluate(**{**data, "gallery_embs": np.hstack([data["gallery_embs"]] * 2)}, device="cpu")
     with pytest.raises(ReidTuneError, match="NaN or inf"):
         evaluate(**{**data, "query_embs": data["query_embs"] * np.nan}, device="cpu")
-
-
-def test_excluders_listed() -> None:
-    assert EXCLUDERS == ("market1501", "duke", "cuhk03", "diagonal", "none")
 
 
 # Files

@@ -21,7 +21,8 @@ from reid_tune.errors import ReidTuneError
 from reid_tune.gpu_data import DeviceBatches, decode_cache, resolve_data_path
 from reid_tune.losses import TripletLoss
 from reid_tune.models import create_model
-from reid_tune.train import build_step, rolled_back, train
+from reid_tune.steps import build_step, rolled_back
+from reid_tune.train import train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SIZE = (72, 36)
@@ -97,7 +98,7 @@ def test_a_failed_build_leaves_no_cache(demo_data: Path, tmp_path: Path,
         real(cache, index, path, size)
 
     monkeypatch.setattr(gpu_data, "_decode_into", broken)
-    with pytest.raises(OSError, match="disk gone"):
+    with pytest.raises(ReidTuneError, match=r"cannot write \(disk gone\)"):
         decode_cache(fids, demo_data, SIZE, cache_dir=tmp_path)
     assert not list(tmp_path.glob("*.npy")) and not list(tmp_path.glob("*.tmp"))
     monkeypatch.setattr(gpu_data, "_decode_into", real)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from reid_tune.distances import cdist
-from reid_tune.losses import MINERS, TripletLoss, apply_margin, batch_all, batch_hard, parse_margin, triplet_stats
+from reid_tune.losses import MINERS, TripletLoss, apply_margin, batch_all, batch_hard, triplet_stats
+from reid_tune.vocabulary import parse_margin
 
 MARGINS = [0.2, "soft", "none"]
 METRICS = ["euclidean", "sqeuclidean", "cityblock"]
@@ -156,7 +157,7 @@ def test_parse_margin(value: str | float, expected: float | str) -> None:
 
 @pytest.mark.parametrize("value", [-0.1, "hard", "", None, True, math.nan, math.inf, "-1"])
 def test_parse_margin_rejects(value: object) -> None:
-    with pytest.raises(ValueError, match=r"^margin=.*: must be a number >= 0, 'soft' or 'none'$"):
+    with pytest.raises(ValueError, match=r"^margin=.*: expected a number >= 0, 'soft' or 'none'$"):
         parse_margin(value)  # type: ignore[arg-type]
 
 
@@ -263,9 +264,9 @@ def test_triplet_loss_keeps_float64() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"mining": "batch_sample"}, "mining='batch_sample': must be one of batch_hard, batch_all"),
-        ({"metric": "cosine"}, "metric='cosine': must be one of"),
-        ({"margin": "hard"}, "margin='hard': must be"),
+        ({"mining": "batch_sample"}, "mining='batch_sample': unknown; expected one of batch_hard, batch_all"),
+        ({"metric": "cosine"}, "metric='cosine': unknown; expected one of"),
+        ({"margin": "hard"}, "margin='hard': expected a number"),
         ({"precision_k": 0}, "precision_k=0: must be >= 1 or None"),
     ],
 )

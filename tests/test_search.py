@@ -30,17 +30,18 @@ from helpers import (
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from reid_tune.checkpoints import load_model
 from reid_tune.cli import main
 from reid_tune.datasets import load_csv
 from reid_tune.errors import ReidTuneError
 from reid_tune.promote import promote
-from reid_tune.search import run_search
-from reid_tune.search.space import PAPER_POINT
+from reid_tune.search.keys import ROLE_TAG, TRIAL_TAG
+from reid_tune.search.schema import PAPER_POINT
 from reid_tune.search.summary import SearchSummary
-from reid_tune.search.tuner import start_local_ray
+from reid_tune.search.tuner import run_search, start_local_ray
 from reid_tune.synthetic import generate_demo
-from reid_tune.tracking import ROLE_TAG, TRIAL_TAG, check_tracking, download_checkpoint
-from reid_tune.train import load_model
+from reid_tune.tracking.registry import download_checkpoint
+from reid_tune.tracking.store import check_tracking
 
 pytestmark = pytest.mark.slow
 

@@ -31,9 +31,9 @@ from reid_tune.search.algorithms import (
     optuna_state,
 )
 from reid_tune.search.analysis import BudgetPoint, Report, TrialRecord, budget_curve, images_to_reach
-from reid_tune.search.space import PAPER_POINT, SearchSpec
+from reid_tune.search.keys import IMAGES_KEY, METRIC, TIME_ATTR
+from reid_tune.search.schema import PAPER_POINT, SearchSpec
 from reid_tune.search.summary import SearchSummary, TrialSummary, print_summary, summary_note, summary_tags
-from reid_tune.search.trainable import IMAGES_KEY, METRIC, TIME_ATTR
 from reid_tune.search.tuner import param_space
 
 BUDGET = 20  # train_iterations of helpers.search_document

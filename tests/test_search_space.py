@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,17 +12,10 @@ from helpers import search_document, write_yaml
 
 from reid_tune.cli import main
 from reid_tune.datasets import camera_ids, load_csv
-from reid_tune.errors import ReidTuneError
-from reid_tune.search.space import (
-    PAPER_POINT,
-    check_points,
-    check_space,
-    check_train,
-    load_spec,
-    parse_param,
-    parse_spec,
-    read_yaml,
-)
+from reid_tune.errors import ConfigError, SpaceError
+from reid_tune.search.checks import check_points, check_space, check_train
+from reid_tune.search.schema import PAPER_POINT, parse_param
+from reid_tune.search.space import load_spec, parse_spec, read_yaml, train_config
 from reid_tune.synthetic import generate_demo
 from reid_tune.validation import hold_out, load_split, write_split
 
@@ -59,17 +54,17 @@ def _line_of(path: Path, text: str) -> int:
 @pytest.mark.parametrize("name", ["market.yaml", "duke.yaml", "demo.yaml"])
 def test_shipped_files_parse(name: str) -> None:
     path = SPACES / name
-    document, lines = read_yaml(path)
-    spec = parse_spec(path, document, lines)
-    check_train(spec, path, lines)
-    check_space(spec, path, lines)
-    check_points(spec, path, lines)
+    document, file = read_yaml(path)
+    spec = parse_spec(document, file)
+    check_train(spec, file)
+    check_space(spec, file)
+    check_points(spec, file)
     assert spec.start_points()[0] == PAPER_POINT  # the paper's settings are tried first
 
 
 def test_market_centres_on_the_paper() -> None:
     path = SPACES / "market.yaml"
-    spec = parse_spec(path, *read_yaml(path))
+    spec = parse_spec(*read_yaml(path))
     for name, paper in PAPER_POINT.items():
         param = spec.params[name]
         low, high = param.bounds
@@ -87,8 +82,10 @@ def test_valid_file_loads_with_absolute_paths(
     document["data"]["train"] = "data/market1501_train.csv"
     spec = load_spec(_write(tmp_path, document))
     assert Path(spec.data.train).is_absolute() and Path(spec.storage).is_absolute()
-    cfg = spec.train_config(
-        {"batch_p": 4, "batch_k": 3, "margin": 0.2, "lr": 3e-4, "decay_start": 0.5}, Path("/x/train.csv")
+    cfg = train_config(
+        spec,
+        {"batch_p": 4, "batch_k": 3, "margin": 0.2, "lr": 3e-4, "decay_start": 0.5},
+        Path("/x/train.csv"),
     )
     assert (cfg.batch_p, cfg.batch_k, cfg.margin, cfg.learning_rate) == (4, 3, 0.2, 3e-4)
     assert (cfg.decay_start_iteration, cfg.decay_factor, cfg.checkpoint_frequency) == (10, 0.001, 10)
@@ -103,12 +100,13 @@ def test_valid_file_loads_with_absolute_paths(
         (lambda d: d["train"].update(input_height="tall"), "input_height", "input_height='tall'"),
         (lambda d: d["space"].update(lr={"loguniform": [1e-3, 1e-4]}), "lr:", "empty range"),
         (lambda d: d["space"].update(batch_k={"uniform": [2, 4]}), "batch_k:", "integers"),
-        (lambda d: d["space"].update(margin={"choice": ["hard"]}), "margin:", "'soft', 'none' or a number"),
+        (lambda d: d["space"].update(margin={"choice": ["hard"]}), "margin:", ">= 0, 'soft' or 'none'"),
+        (lambda d: d["space"].update(margin=-1), "margin:", "margin=-1: expected a number"),
         (lambda d: d["space"].update(warmup={"int": [1, 2]}), "warmup", "unknown parameter"),
         (lambda d: d["space"].pop("lr"), "space:", "missing lr"),
         (lambda d: d["space"].update(decay_start={"normal": [0, 1]}), "decay_start:", "expected one of"),
         (
-            lambda d: d["space"].update(head={"choice": ["fc1024", "fc2048"]}),
+            lambda d: d["space"].update(head="fc2048"),
             "head:",
             "'fc2048': expected one of",
         ),
@@ -160,7 +158,7 @@ def test_each_mistake_is_one_located_error(
     document = _document(data)
     edit(document)
     path = _write(tmp_path, document)
-    with pytest.raises(ReidTuneError) as caught:
+    with pytest.raises(SpaceError) as caught:
         load_spec(path)
     text = str(caught.value)
     assert "\n" not in text
@@ -185,9 +183,9 @@ def test_baseline_points_are_the_papers_and_the_marked_ones(data: Path, tmp_path
         },
     )
     path = _write(tmp_path, document)
-    raw, lines = read_yaml(path)
-    spec = parse_spec(path, raw, lines)
-    check_points(spec, path, lines)  # `baseline: false` is allowed too
+    raw, file = read_yaml(path)
+    spec = parse_spec(raw, file)
+    check_points(spec, file)  # `baseline: false` is allowed too
     assert spec.baseline_points() == [marked, PAPER_POINT]
     assert spec.start_points() == [marked, PAPER_POINT, unmarked, unmarked_too]  # no `baseline` key
     assert spec.paper_point() == PAPER_POINT
@@ -208,13 +206,13 @@ def test_the_papers_point_is_trinet_when_the_architecture_is_searched(
     )
     document["train"].pop("network")
     path = _write(tmp_path, document)
-    raw, lines = read_yaml(path)
-    spec = parse_spec(path, raw, lines)
+    raw, file = read_yaml(path)
+    spec = parse_spec(raw, file)
     if error:
-        with pytest.raises(ReidTuneError, match=error):
-            check_points(spec, path, lines)
+        with pytest.raises(SpaceError, match=error):
+            check_points(spec, file)
         return
-    check_points(spec, path, lines)
+    check_points(spec, file)
     assert spec.start_points() == [{**PAPER_POINT, "network": "resnet50"}]
 
 
@@ -227,11 +225,11 @@ def test_a_loadable_start_point_starts_the_searcher(data: Path, tmp_path: Path) 
 
 
 def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ReidTuneError, match="search-space file not found"):
+    with pytest.raises(SpaceError, match="search-space file not found"):
         load_spec(tmp_path / "none.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("experiment: [unclosed\n")
-    with pytest.raises(ReidTuneError, match=r"bad.yaml:\d+: not valid YAML"):
+    with pytest.raises(SpaceError, match=r"bad.yaml:\d+: not valid YAML"):
         load_spec(bad)
 
 
@@ -260,6 +258,41 @@ def test_parse_param(raw: object, kind: str, values: tuple) -> None:
     param = parse_param("margin", raw)
     assert (param.kind, param.values) == (kind, values)
     assert param.searched == (kind != "constant")
+
+
+def test_parse_param_names_what_it_expected() -> None:
+    with pytest.raises(ConfigError, match=r"'fast': expected a number > 0"):
+        parse_param("lr", {"choice": [1e-3, "fast"]})
+
+
+def test_space_is_parsed_once() -> None:
+    path = SPACES / "market.yaml"
+    spec = parse_spec(*read_yaml(path))
+    assert spec.params is spec.params
+    assert set(spec.params) == set(spec.space)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "experiment: [unclosed\n",
+        "experiment: t\ncolour: red\n",
+        "experiment: t\ndata: {train: a.csv, image_root: ., convention: none}\n"
+        "validation: {identities: 2}\ntrain: {train_iterations: 10, validate_every: 5, network: resnet50}\n"
+        "space: {batch_p: 4, batch_k: 2, margin: hard, lr: 0.1, decay_start: 0.5, decay_factor: 0.1}\n",
+    ],
+)
+def test_a_bad_file_answers_without_importing_torch(tmp_path: Path, text: str) -> None:
+    """YAML, schema and value errors come before anything that imports torch (they print at once)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    code = (
+        "import sys\nfrom reid_tune.errors import SpaceError\nfrom reid_tune.search.space import load_spec\n"
+        f"try:\n    load_spec({str(bad)!r})\nexcept SpaceError as err:\n    print(err)\n"
+        "print(sorted(m for m in ('torch', 'ray', 'optuna', 'mlflow') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0].startswith(f"{bad}:") and out.splitlines()[1] == "[]", out
 
 
 def test_hold_out_is_seeded_and_queries_across_cameras(data: Path, tmp_path: Path) -> None:

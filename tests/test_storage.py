@@ -17,10 +17,11 @@ from helpers import free_port, search_document, write_yaml
 from mlflow.tracking import MlflowClient
 
 from reid_tune.errors import ReidTuneError
-from reid_tune.search import load_spec, run_search, storage
-from reid_tune.search.tuner import start_local_ray
+from reid_tune.search import storage
+from reid_tune.search.keys import CHECKPOINT_ARTIFACTS, ROLE_TAG
+from reid_tune.search.space import load_spec
+from reid_tune.search.tuner import run_search, start_local_ray
 from reid_tune.synthetic import generate_demo
-from reid_tune.tracking import CHECKPOINT_ARTIFACTS, ROLE_TAG
 
 BUCKET = "reid-tune-test"
 

@@ -1,9 +1,12 @@
 """What the MLflow UI will show of a search, through MLflow's API on a SQLite store: the experiment's
 view, run names, notes, tags and metric names; and the CMC plot, the trial descriptions and the
-console's progress lines, without Ray."""
+console's progress lines, without Ray; and the names and plots modules, which import no framework."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,10 +17,12 @@ from helpers import search_document
 from mlflow.tracking import MlflowClient
 
 from reid_tune.search.callbacks import progress_line, run_name, trial_note
-from reid_tune.search.space import PAPER_POINT, SearchSpec
+from reid_tune.search.keys import BEST_METRIC, BEST_TAG, KIND_TAG, NOTE_TAG, TRAINING_KIND
+from reid_tune.search.schema import PAPER_POINT, SearchSpec
 from reid_tune.search.summary import describe_search
 from reid_tune.search.system_metrics import SystemSampler
-from reid_tune.tracking import BEST_METRIC, KIND_TAG, NOTE_TAG, TRAINING_KIND, SearchTracker, cmc_figure
+from reid_tune.tracking.plots import cmc_figure
+from reid_tune.tracking.runs import SearchTracker
 
 
 @pytest.fixture()
@@ -79,9 +84,9 @@ def test_the_best_tag_moves_and_notes_describe_the_runs(client: MlflowClient) ->
     tracker = _tracker(client)
     for trial in ("a", "b"):
         tracker.trial_run(trial, name=f"t-{trial}", params={}, tags={})
-    tracker.mark("reid_tune.best", ["a"])
-    tracker.mark("reid_tune.best", ["b"])  # a resumed search found a better trial
-    tags = {run.info.run_name: run.data.tags.get("reid_tune.best") for run in tracker.trial_runs()}
+    tracker.mark(BEST_TAG, ["a"], tracker.trial_runs())
+    tracker.mark(BEST_TAG, ["b"], tracker.trial_runs())  # a resumed search found a better trial
+    tags = {run.info.run_name: run.data.tags.get(BEST_TAG) for run in tracker.trial_runs()}
     assert tags == {"t-a": None, "t-b": "true"}
     tracker.finish_trial("a", None, failed=True, tags={"reid_tune.outcome": "failed"}, note="it failed")
     run = client.get_run(tracker._runs["a"])
@@ -172,3 +177,11 @@ def test_system_sampler_samples_cpu_and_memory_until_stopped() -> None:
         "system/system_memory_usage_percentage",
     }  # fmt: skip
     assert all(0 <= s["system/system_memory_usage_percentage"] <= 100 for s in first)
+
+
+@pytest.mark.parametrize("module", ["reid_tune.search.keys", "reid_tune.tracking.plots"])
+def test_names_and_plots_import_no_framework(module: str) -> None:
+    """Tools and tests read the search's names, and plots draw, without MLflow, Ray or torch."""
+    code = f"import json, sys, {module}; print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert {"mlflow", "ray", "torch", "optuna"}.isdisjoint(json.loads(done.stdout))

@@ -9,15 +9,17 @@ import pytest
 import torch
 from helpers import InterruptAt, weights
 
+from reid_tune.checkpoints import list_checkpoints, load_model
 from reid_tune.config import TrainConfig
 from reid_tune.errors import ReidTuneError
-from reid_tune.train import list_checkpoints, load_model, train
+from reid_tune.train import train
 
 
 @pytest.mark.parametrize("data_path", ["auto", "cpu"])
-def test_interrupted_then_resumed_run_equals_uninterrupted(tiny_config: TrainConfig, tmp_path: Path,
-                                                           data_path: str) -> None:
-    """On the CPU, ``auto`` takes the decoded cache (built once for the three runs), ``cpu`` the DataLoader."""
+def test_interrupted_then_resumed_run_equals_uninterrupted(
+    tiny_config: TrainConfig, tmp_path: Path, data_path: str
+) -> None:
+    """On the CPU, ``auto`` takes the decoded cache (built once for the three runs), ``cpu`` a DataLoader."""
     cfg = tiny_config.replace(data_path=data_path, cache_dir=str(tmp_path / "cache"))
     whole = train(cfg, tmp_path / "whole")
     assert not whole.interrupted and whole.step == 6

@@ -39,20 +39,13 @@ from mlflow.entities import Experiment, Run
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import Page, sync_playwright
 
-from reid_tune.tracking import (
-    BEST_METRIC,
-    PARENT_TAG,
-    ROLE_TAG,
-    VAL_MAP,
-    VAL_RANK1_NAME,
-    resolve_tracking_uri,
-)
+from reid_tune.search.keys import BEST_METRIC, BEST_TAG, PARENT_TAG, ROLE_TAG, VAL_MAP, VAL_RANK1_NAME
+from reid_tune.tracking.store import resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_SPACE = REPO / "search_spaces" / "demo.yaml"
 OUT = REPO / "tools" / "screenshots"
 EXPERIMENT = "demo"  # the experiment (and parent run) name of search_spaces/demo.yaml
-BEST_TAG = "reid_tune.best"  # "true" on a search's best trial (reid_tune.search.tuner, which imports Ray)
 COLUMNS = (VAL_MAP, VAL_RANK1_NAME)  # shown with BEST_METRIC
 HIDDEN_COLUMNS = ("Dataset", "Source", "Models")  # MLflow's default columns, empty for a search
 VALIDATION = "val"  # the validation metrics' section (prefix)

@@ -22,8 +22,8 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
-from reid_tune.search.space import SearchSpec
-from reid_tune.search.trainable import IMAGES_KEY, METRIC, TIME_ATTR
+from reid_tune.search.keys import IMAGES_KEY, METRIC, TIME_ATTR
+from reid_tune.search.schema import SearchSpec
 
 STOPPED_AS = ("pruned", "complete")  # how a trial stopped early is told to Optuna (search.stopped_as)
 

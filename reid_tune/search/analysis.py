@@ -18,12 +18,8 @@ from typing import Any
 
 import optuna
 
-HISTORY_PNG, IMPORTANCE_PNG, PARALLEL_PNG, TRIALS_CSV = (
-    "history.png",
-    "importance.png",
-    "parallel.png",
-    "trials.csv",
-)
+from reid_tune.search.keys import HISTORY_PNG, IMPORTANCE_PNG, PARALLEL_PNG, TRIALS_CSV
+from reid_tune.vocabulary import is_number
 
 
 @dataclass(frozen=True)
@@ -256,8 +252,8 @@ def _axis_values(values: list[Any]) -> tuple[list[float], list[tuple[float, str]
     """Values of one parameter placed on [0, 1], and (position, label) ticks: numbers linearly (or on a
     log scale when they span 10x or more, as a learning rate does), anything else as categories."""
     if len({str(v) for v in values}) == 1:
-        return [0.5] * len(values), [(0.5, _short(values[0]) if _is_number(values[0]) else str(values[0]))]
-    if all(_is_number(v) for v in values):
+        return [0.5] * len(values), [(0.5, _short(values[0]) if is_number(values[0]) else str(values[0]))]
+    if all(is_number(v) for v in values):
         low, high = min(values), max(values)
         log = low > 0 and high / low >= 10
         scale = (lambda v: math.log10(v)) if log else (lambda v: v)
@@ -268,10 +264,6 @@ def _axis_values(values: list[Any]) -> tuple[list[float], list[tuple[float, str]
     step = 1 / max(len(categories) - 1, 1)
     where = {c: i * step for i, c in enumerate(categories)}
     return [where[str(v)] for v in values], [(where[c], c) for c in categories]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _short(value: float) -> str:

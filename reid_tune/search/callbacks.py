@@ -23,36 +23,28 @@ from rich.table import Table
 from reid_tune.search import storage
 from reid_tune.search.algorithms import PruningOptunaSearch, is_baseline, matches_point
 from reid_tune.search.analysis import TrialRecord, reports_from_history, write_analysis
-from reid_tune.search.space import SearchSpec
-from reid_tune.search.trainable import (
+from reid_tune.search.keys import (
+    ANALYSIS_ARTIFACTS,
+    BASELINE_TAG,
+    DATASET_TAG,
     METRIC,
+    OUTCOME_TAG,
+    PAPER_TAG,
+    SHORT_NAMES,
+    STOPPED_AT_TAG,
     SYSTEM_KEY,
     TIME_ATTR,
     TRAIN_LOG_KEY,
+    VAL_MAP,
+    VAL_PREFIX,
     VAL_RANK1,
+    VAL_RANK1_NAME,
     VALIDATION_FILE,
     VALIDATION_KEYS,
-    SearchPaths,
-    trial_config,
 )
-from reid_tune.tracking import DATASET_TAG, VAL_MAP, VAL_RANK1_NAME, SearchTracker
-
-PAPER_TAG = "reid_tune.paper_settings"  # "true" on the trial that ran the paper's settings
-BASELINE_TAG = "reid_tune.baseline"  # "true" on trials that run a baseline's settings (trained to the end)
-OUTCOME_TAG = "reid_tune.outcome"  # full_budget, stopped_early or failed
-STOPPED_AT_TAG = "reid_tune.stopped_at"  # the iteration a trial stopped early (or failed) at
-ANALYSIS_ARTIFACTS = "search"  # the parent run's folder of history.png, importance.png, ...
-SHORT_NAMES = {
-    "batch_p": "P",
-    "batch_k": "K",
-    "margin": "margin",
-    "lr": "lr",
-    "decay_start": "decay@",
-    "decay_factor": "decay*",
-    "embedding_dim": "dim",
-    "head": "head",
-    "network": "network",
-}
+from reid_tune.search.schema import SearchSpec
+from reid_tune.search.trainable import SearchPaths, trial_config
+from reid_tune.tracking.runs import SearchTracker
 
 
 def best_checkpoint(paths: SearchPaths, trial_id: str) -> tuple[str, dict[str, Any]] | None:
@@ -119,7 +111,7 @@ class MlflowLogger(_ParentRunCallback):
             self.tracker.log_system(trial.trial_id, json.loads(result[SYSTEM_KEY]))
         if METRIC not in result:
             return
-        validation = {mlflow_name(key): result[key] for key in VALIDATION_KEYS}
+        validation = {mlflow_name(key): result[key] for key in VALIDATION_KEYS.values()}
         records = json.loads(result.get(TRAIN_LOG_KEY, "[]"))
         self.tracker.log_result(trial.trial_id, int(result[TIME_ATTR]), records, validation)
 
@@ -152,7 +144,7 @@ def run_name(trial: Trial, trials: list[Trial]) -> str:
 
 def mlflow_name(key: str) -> str:
     """The MLflow name of a reported validation number: ``val_mAP`` -> ``val/mAP``."""
-    return "val/" + key.removeprefix("val_")
+    return VAL_PREFIX + key.removeprefix("val_")
 
 
 def describe_settings(config: dict[str, Any]) -> str:

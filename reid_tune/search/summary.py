@@ -11,9 +11,17 @@ from rich.console import Console
 from rich.table import Table
 
 from reid_tune.search.algorithms import is_baseline, matches_point
-from reid_tune.search.callbacks import SHORT_NAMES, percent, short, wide_console
-from reid_tune.search.space import SearchSpec
-from reid_tune.search.trainable import METRIC, TIME_ATTR, VAL_RANK1
+from reid_tune.search.callbacks import percent, short, wide_console
+from reid_tune.search.keys import (
+    GAIN_TAG,
+    METRIC,
+    SHORT_NAMES,
+    TIME_ATTR,
+    VAL_RANK1,
+    VERDICT_TAG,
+    trial_fact_tag,
+)
+from reid_tune.search.schema import SearchSpec
 
 
 @dataclass(frozen=True)
@@ -118,20 +126,20 @@ def summarize(spec: SearchSpec, results: Any, parent_run_id: str, *, interrupted
 def summary_tags(summary: SearchSummary) -> dict[str, str]:
     """The parent run's end-of-search facts as tags (a summary, not one-point metric charts): the best
     and the paper's trials, their iterations and validation numbers, and the verdict."""
-    tags = {"reid_tune.verdict": summary.verdict}
+    tags = {VERDICT_TAG: summary.verdict}
     for label, trial in (
         ("best", summary.best),
         ("best_full_budget", summary.best_full),
         ("paper", summary.paper),
     ):
         if trial is not None:
-            tags[f"reid_tune.{label}_trial_id"] = trial.trial_id
-            tags[f"reid_tune.{label}_iterations"] = str(trial.iterations)
+            tags[trial_fact_tag(label, "trial_id")] = trial.trial_id
+            tags[trial_fact_tag(label, "iterations")] = str(trial.iterations)
             if trial.val_mAP is not None:
-                tags[f"reid_tune.{label}_val_mAP"] = f"{trial.val_mAP:.4f}"
-                tags[f"reid_tune.{label}_val_rank1"] = f"{trial.val_rank1:.4f}"
+                tags[trial_fact_tag(label, "val_mAP")] = f"{trial.val_mAP:.4f}"
+                tags[trial_fact_tag(label, "val_rank1")] = f"{trial.val_rank1:.4f}"
     if summary.gain is not None:
-        tags["reid_tune.gain_val_mAP"] = f"{summary.gain:+.4f}"
+        tags[GAIN_TAG] = f"{summary.gain:+.4f}"
     return tags
 
 

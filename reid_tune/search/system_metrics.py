@@ -13,17 +13,17 @@ import time
 import psutil
 import torch
 
-PREFIX = "system/"
+from reid_tune.search.keys import SAMPLE_TIME, SYSTEM_CPU, SYSTEM_PREFIX
 
 
 def sample(device: torch.device) -> dict[str, float]:
     """One sample: wall time in seconds, CPU and memory of the node, and the GPU of ``device``."""
     memory = psutil.virtual_memory()
     values = {
-        "time": time.time(),
-        f"{PREFIX}cpu_utilization_percentage": psutil.cpu_percent(),
-        f"{PREFIX}system_memory_usage_megabytes": memory.used / 1e6,
-        f"{PREFIX}system_memory_usage_percentage": memory.percent,
+        SAMPLE_TIME: time.time(),
+        SYSTEM_CPU: psutil.cpu_percent(),
+        f"{SYSTEM_PREFIX}system_memory_usage_megabytes": memory.used / 1e6,
+        f"{SYSTEM_PREFIX}system_memory_usage_percentage": memory.percent,
     }
     if device.type == "cuda":
         values.update(_gpu(device.index or 0))
@@ -33,11 +33,11 @@ def sample(device: torch.device) -> dict[str, float]:
 def _gpu(index: int) -> dict[str, float]:
     free, total = torch.cuda.mem_get_info(index)
     values = {
-        f"{PREFIX}gpu_{index}_memory_usage_megabytes": (total - free) / 1e6,
-        f"{PREFIX}gpu_{index}_memory_usage_percentage": 100 * (total - free) / total,
+        f"{SYSTEM_PREFIX}gpu_{index}_memory_usage_megabytes": (total - free) / 1e6,
+        f"{SYSTEM_PREFIX}gpu_{index}_memory_usage_percentage": 100 * (total - free) / total,
     }
     try:
-        values[f"{PREFIX}gpu_{index}_utilization_percentage"] = float(torch.cuda.utilization(index))
+        values[f"{SYSTEM_PREFIX}gpu_{index}_utilization_percentage"] = float(torch.cuda.utilization(index))
     except (ModuleNotFoundError, RuntimeError):  # no NVML (pynvml) on this node: memory only
         pass
     return values

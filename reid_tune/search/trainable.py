@@ -23,33 +23,29 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from reid_tune.checkpoints import CONFIG_FILE, checkpoint_path
 from reid_tune.config import TrainConfig, config_from_dict
 from reid_tune.datasets import write_csv
+from reid_tune.devices import resolve_device
 from reid_tune.models import ReidModel
 from reid_tune.search import storage
-from reid_tune.search.space import SearchSpec
+from reid_tune.search.keys import (
+    IMAGES_KEY,
+    METRIC,
+    NODE_KEY,
+    SPLIT_ARTIFACT,
+    STATE_FILE,
+    SYSTEM_KEY,
+    TIME_ATTR,
+    TRAIN_LOG_KEY,
+    VALIDATION_FILE,
+    VALIDATION_KEYS,
+)
+from reid_tune.search.schema import SearchSpec
+from reid_tune.search.space import train_config
 from reid_tune.search.system_metrics import SystemSampler
-from reid_tune.train import CONFIG_FILE, TrainCallback, checkpoint_path, resolve_device, train
+from reid_tune.train import TrainCallback, train
 from reid_tune.validation import SPLIT_FILES, ValidationSplit, validate
-
-METRIC = "val_mAP"  # the search objective, maximised
-VAL_RANK1 = "val_rank1"  # validation rank-1, reported beside it
-TIME_ATTR = "step"  # training iterations, the scheduler's clock
-VALIDATION_FILE = "validation.json"  # in each checkpoint folder: step, mAP, CMC, ...
-STATE_FILE = "reid_tune_search.json"  # in the search's folder: its MLflow parent run and tracking URI
-SPLIT_ARTIFACT = "validation_split"  # the parent run's artifact folder of the split's CSVs
-TRAIN_LOG_KEY = "train_log"  # per-iteration statistics since the previous report, as JSON text
-NODE_KEY = "node_id"  # the Ray node whose rank-0 worker made the report: where the trial trained
-IMAGES_KEY = "train_images"  # training images of the trial so far (iterations x P x K): its compute
-SYSTEM_KEY = "system_samples"  # rank 0's system samples since the previous report, as JSON text
-_VALIDATION_KEYS = {
-    "mAP": METRIC,
-    "rank-1": VAL_RANK1,
-    "rank-5": "val_rank5",
-    "rank-10": "val_rank10",
-    "mINP": "val_mINP",
-}  # validation.json key -> reported metric
-VALIDATION_KEYS = tuple(_VALIDATION_KEYS.values())
 
 
 @dataclass(frozen=True)
@@ -78,7 +74,7 @@ class SearchPaths:
 def trial_config(spec: SearchSpec, sampled: dict[str, Any]) -> TrainConfig:
     """The full TrainConfig of a trial with these sampled values; its ``train_set`` names the parent
     run's artifact of the split (each Train worker trains on its own copy of the same rows)."""
-    return spec.train_config(sampled, Path(SPLIT_ARTIFACT) / SPLIT_FILES["train"])
+    return train_config(spec, sampled, Path(SPLIT_ARTIFACT) / SPLIT_FILES["train"])
 
 
 # ---------------------------------------------------------------- Train workers
@@ -121,7 +117,7 @@ class _Reporter(TrainCallback):
 
 def validation_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The reported validation numbers of a ``validation.json``: mAP, rank-1/5/10, mINP."""
-    return {ours: summary[theirs] for theirs, ours in _VALIDATION_KEYS.items()}
+    return {ours: summary[theirs] for theirs, ours in VALIDATION_KEYS.items()}
 
 
 def train_worker(config: dict[str, Any]) -> None:

@@ -27,29 +27,26 @@ from reid_tune.errors import ReidTuneError
 from reid_tune.search import storage
 from reid_tune.search.algorithms import ImageBudget, PruningOptunaSearch, build_scheduler, build_searcher
 from reid_tune.search.callbacks import MlflowLogger, SearchReport, TrialTable
-from reid_tune.search.space import SearchSpec, load_spec
-from reid_tune.search.summary import SearchSummary, describe_search, summarize, summary_note, summary_tags
-from reid_tune.search.trainable import (
+from reid_tune.search.keys import (
+    BEST_TAG,
+    DATASET_TAG,
     IMAGES_KEY,
     METRIC,
+    MODEL_NAME_TAG,
     SPLIT_ARTIFACT,
     STATE_FILE,
-    SearchPaths,
-    run_trial,
-)
-from reid_tune.tracking import (
-    DATASET_TAG,
-    MODEL_NAME_TAG,
+    STORAGE_TAG,
     TRIAL_TAG,
-    SearchTracker,
-    client_for,
-    resolve_tracking_uri,
 )
+from reid_tune.search.schema import SearchSpec
+from reid_tune.search.space import load_spec, validation_split
+from reid_tune.search.summary import SearchSummary, describe_search, summarize, summary_note, summary_tags
+from reid_tune.search.trainable import SearchPaths, run_trial
+from reid_tune.tracking.runs import SearchTracker
+from reid_tune.tracking.store import client_for, resolve_tracking_uri
 from reid_tune.validation import ValidationSplit, write_split
 
 _UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
-BEST_TAG = "reid_tune.best"  # "true" on the search's best trial (what promote registers)
-STORAGE_TAG = "reid_tune.storage"  # on the parent run: the search's folder (or URI) in the storage
 DRIVER_CPUS = 0.01  # what a trial's Tune function holds while its TorchTrainer runs (Ray wants > 0)
 
 
@@ -228,16 +225,22 @@ def quiet_start_up() -> None:
 
 
 def run_search(
-    spec_file: str | Path, *, resume: bool = False, smoke_test: bool = False, tracking_uri: str | None = None
+    spec_file: str | Path,
+    *,
+    spec: SearchSpec | None = None,
+    resume: bool = False,
+    smoke_test: bool = False,
+    tracking_uri: str | None = None,
 ) -> SearchSummary:
-    """Run (or resume) the search of a search-space file; returns its summary."""
+    """Run (or resume) the search of a search-space file (``spec``: the file, already loaded); returns
+    its summary."""
     spec_file = Path(spec_file)
     quiet_start_up()
-    spec = load_spec(spec_file)
+    spec = spec or load_spec(spec_file)
     if smoke_test:
         spec = smoke(spec)
     paths = SearchPaths(spec.storage, spec.experiment)
-    split = spec.validation_split()
+    split = validation_split(spec)
     tracker = start_tracking(spec, spec_file, paths, split, resume=resume, tracking_uri=tracking_uri)
     connect_ray(spec)
     searcher = build_searcher(spec)
@@ -248,7 +251,7 @@ def run_search(
     interrupted = _unfinished(paths, spec)
     summary = summarize(spec, results, tracker.parent_run_id, interrupted=interrupted)
     runs = tracker.trial_runs()
-    tracker.mark(BEST_TAG, [summary.best.trial_id] if summary.best else [])
+    tracker.mark(BEST_TAG, [summary.best.trial_id] if summary.best else [], runs)
     tracker.finish(
         tags=summary_tags(summary),
         note=summary_note(summary, spec, {r.data.tags[TRIAL_TAG]: r.info.run_name for r in runs}),

@@ -1,6 +1,6 @@
 """The code of a registered reid-tune model (MLflow "models from code"): a pyfunc that embeds image files
 with the model's checkpoint, preprocessed as it was trained. MLflow runs this file when it loads the
-model, so nothing is pickled; :func:`reid_tune.tracking.log_champion` names it."""
+model, so nothing is pickled; :func:`reid_tune.tracking.registry.log_champion` names it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class ReidEmbedder(PythonModel):
     """``predict`` takes image paths and returns one L2-comparable embedding per image."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        from reid_tune.train import load_model
+        from reid_tune.checkpoints import load_model
 
         self.model, self.cfg = load_model(Path(context.artifacts["checkpoint"]))
 

@@ -1,0 +1,194 @@
+"""The checks of a search-space file that its schema cannot make alone: across sections, against
+TrainConfig, the file system, the registered networks and the data. Each failure is one located
+:class:`SpaceError`.
+
+Only :func:`check_names` imports torch (through ``reid_tune.models``), so it runs after the others.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+from reid_tune.config import config_from_dict
+from reid_tune.errors import ReidTuneError, SpaceError
+from reid_tune.search.schema import BASELINE_KEY, STR_PARAMS, Param, SearchSpec
+from reid_tune.search.storage import STORAGE_SCHEMES, is_uri
+from reid_tune.vocabulary import HEADS, NETWORKS
+
+# TrainConfig fields set by the data, the space or the trial itself, never under `train:`.
+_NOT_FIXED = {
+    "train_set",
+    "image_root",
+    "batch_p",
+    "batch_k",
+    "margin",
+    "learning_rate",
+    "decay_start_iteration",
+    "decay_factor",
+    "checkpoint_frequency",
+    "keep_checkpoints",
+}
+
+Loc = tuple[Any, ...]  # a path of keys and list indices in the YAML document
+
+
+@dataclass(frozen=True)
+class SpecFile:
+    """A search-space file and the line of each key path in it: where its errors point."""
+
+    path: Path
+    lines: dict[Loc, int]
+
+    def line(self, loc: Loc) -> int:
+        """The 1-based line of the deepest YAML node on ``loc`` (the document's first line at worst)."""
+        return next(self.lines[loc[:end]] for end in range(len(loc), -1, -1) if loc[:end] in self.lines)
+
+    def error(self, loc: Loc, message: str) -> NoReturn:
+        """Raise a SpaceError ``file:line: key: message`` for the value at ``loc``."""
+        key = ".".join(str(part) for part in loc)
+        raise SpaceError(f"{self.path}:{self.line(loc)}: {key + ': ' if key else ''}{message}")
+
+
+def check_train(spec: SearchSpec, file: SpecFile) -> None:
+    """``train:`` holds known TrainConfig options of the right type and range, none set elsewhere, and
+    ``validate_every`` and ASHA's grace period fit in ``train_iterations``."""
+    options = spec.train.options()
+    for key in options:
+        if key in _NOT_FIXED:
+            file.error(("train", key), "set by data:, space: or the trial, not under train:")
+    _train_options(options, file)
+    iterations = spec.train.train_iterations
+    if spec.train.validate_every > iterations:
+        file.error(
+            ("train", "validate_every"),
+            f"{spec.train.validate_every}: expected <= train_iterations={iterations}",
+        )
+    scheduler = spec.search.scheduler
+    if scheduler.type == "asha" and scheduler.grace_period > iterations:
+        file.error(
+            ("search", "scheduler", "grace_period"),
+            f"{scheduler.grace_period}: expected <= train.train_iterations={iterations}",
+        )
+
+
+def _train_options(options: dict[str, Any], file: SpecFile) -> None:
+    """TrainConfig's own checks of ``options``, located at the option its message names."""
+    try:
+        config_from_dict(options, source="train")
+    except ReidTuneError as err:
+        message = str(err).removeprefix("train: ")
+        key = next(
+            (k for k in options if message.startswith((f"{k}=", f"unknown option {k!r}"))),
+            next(iter(options)),
+        )
+        file.error(("train", key), message)
+
+
+def check_space(spec: SearchSpec, file: SpecFile) -> None:
+    """No searched parameter is also fixed under ``train:``."""
+    for name in spec.space:
+        if name in spec.train.options():
+            file.error(("space", name), "also fixed under train:; give it in one place")
+
+
+def check_storage(spec: SearchSpec, file: SpecFile) -> None:
+    """The storage is a local folder or a URI of a file system that Ray and pyarrow can reach."""
+    scheme = urlsplit(spec.storage).scheme if is_uri(spec.storage) else "file"
+    if scheme not in STORAGE_SCHEMES:
+        file.error(
+            ("storage",),
+            f"{spec.storage}: unsupported scheme '{scheme}' (use a folder or one of "
+            f"{', '.join(s + '://' for s in STORAGE_SCHEMES)})",
+        )
+
+
+def check_files(spec: SearchSpec, file: SpecFile) -> None:
+    """Every named file and folder exists."""
+    checks = [("image_root", spec.data.image_root, Path.is_dir, "folder")]
+    checks += [
+        (key, getattr(spec.data, key), Path.is_file, "file")
+        for key in ("train", "test_query", "test_gallery")
+        if getattr(spec.data, key)
+    ]
+    for key, name, exists, what in checks:
+        if not exists(Path(name)):
+            file.error(("data", key), f"{name}: {what} not found")
+
+
+def check_points(spec: SearchSpec, file: SpecFile) -> None:
+    """Every starting point gives each searched parameter a value inside the space, and nothing else
+    (``baseline: true|false`` aside)."""
+    for i, (raw, point) in enumerate(zip(spec.search.start_points, spec.written_points())):
+        where = ("search", "start_points", i)
+        label = "the paper's " if raw == "paper" else ""
+        for name, value in point.items():
+            problem = _point_problem(name, value, spec.params)
+            if problem:
+                file.error((*where, *problem[0]), label + problem[1])
+        missing = [name for name, param in spec.params.items() if param.searched and name not in point]
+        if missing:
+            file.error(
+                where, f"{label}start point gives no {', '.join(missing)}: it needs every searched value"
+            )
+
+
+def _point_problem(name: str, value: Any, params: dict[str, Param]) -> tuple[Loc, str] | None:
+    """Why ``name: value`` cannot be in a start point (where, below the point, and what), or None."""
+    if name == BASELINE_KEY:
+        return None if isinstance(value, bool) else ((name,), f"{value!r}: expected true or false")
+    if name not in params:
+        return (name,), f"{value!r}: {name} is not in space:"
+    if not params[name].contains(value):
+        return (), f"{name}={value!r}: outside space.{name} = {params[name].describe()}"
+    return None
+
+
+def check_names(spec: SearchSpec, file: SpecFile) -> None:
+    """Every network and head named under ``train:`` or ``space:`` is registered."""
+    registered = {"network": _registered("network"), "head": _registered("head")}
+    for loc, name in _names(spec):
+        if name not in registered[loc[-1]]:
+            file.error(loc, f"{name!r}: expected one of {', '.join(registered[loc[-1]])}")
+
+
+def _registered(kind: str) -> list[str]:
+    """The registered networks or heads: the built-in ones unless ``reid_tune.models`` was imported (only
+    then can more be registered), so that checking a file does not import torch."""
+    models = sys.modules.get("reid_tune.models")
+    if models is None:
+        return sorted(NETWORKS if kind == "network" else HEADS)
+    return models.list_networks() if kind == "network" else models.list_heads()
+
+
+def _names(spec: SearchSpec) -> Iterator[tuple[Loc, Any]]:
+    """Each network and head name the file gives, with its key: fixed under ``train:`` or in ``space:``."""
+    options = spec.train.options()
+    for key in STR_PARAMS:
+        if key in options:
+            yield ("train", key), options[key]
+        for value in spec.params[key].values if key in spec.params else ():
+            yield ("space", key), value
+
+
+def check_batch(spec: SearchSpec, file: SpecFile, train_ids: int) -> None:
+    """The largest P*K fits the batch limit and the largest P fits the ``train_ids`` training identities."""
+    p_max = int(spec.params["batch_p"].bounds[1])
+    k_max = int(spec.params["batch_k"].bounds[1])
+    limit = spec.resources.max_batch_size
+    if limit is not None and p_max * k_max > limit:
+        file.error(
+            ("space", "batch_p"),
+            f"largest batch_p * batch_k = {p_max} * {k_max} = {p_max * k_max}: "
+            f"expected <= resources.max_batch_size={limit}",
+        )
+    if p_max > train_ids:
+        file.error(
+            ("space", "batch_p"),
+            f"batch_p up to {p_max}: the training split has only {train_ids} identities "
+            f"(after holding out the validation identities)",
+        )

@@ -1,0 +1,115 @@
+"""Bad input through the CLI, as a user types it: one ``error:`` line naming the culprit, exit status 2,
+no traceback, and nothing written (no run folder, no embeddings, no stray ``mlflow.db``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import reid_tune, search_document, write_yaml
+
+TRAIN = (
+    "train",
+    "--train-set",
+    "train.csv",
+    "--image-root",
+    "images",
+    "--run-dir",
+    "run",
+    "--batch-p",
+    "4",
+    "--device",
+    "cpu",
+)
+EMBED = ("embed", "--dataset", "query.csv", "--image-root", "images", "--out", "out/q.h5")
+EVALUATE = (
+    "evaluate",
+    "--query-dataset",
+    "query.csv",
+    "--query-embeddings",
+    "q.h5",
+    "--gallery-dataset",
+    "test.csv",
+    "--gallery-embeddings",
+    "g.h5",
+    "--excluder",
+    "market1501",
+)
+
+# (what is wrong, the command line, what the error line must name)
+CASES = [
+    ("unknown network", (*TRAIN, "--network", "resnet5"), "resnet5"),
+    ("unknown head", (*TRAIN, "--network", "lunet_small", "--head", "fc999"), "fc999"),
+    ("negative margin", (*TRAIN, "--margin", "-1"), "margin"),
+    ("P of one", (*TRAIN, "--batch-p", "1"), "batch_p"),
+    ("P above the identities", (*TRAIN, "--batch-p", "500"), "batch_p"),
+    ("unknown precision", (*TRAIN, "--precision", "fp8"), "precision"),
+    ("not a number", (*TRAIN, "--learning-rate", "fast"), "--learning-rate"),
+    ("unknown option", (*TRAIN, "--bogus", "1"), "--bogus"),
+    (
+        "missing training list",
+        ("train", "--train-set", "nope.csv", "--image-root", "images", "--run-dir", "run"),
+        "nope.csv",
+    ),
+    ("resume of nothing", ("train", "--run-dir", "empty", "--resume"), "empty"),
+    ("run folder without checkpoints", (*EMBED, "--run-dir", "empty"), "empty"),
+    ("both run folder and model", (*EMBED, "--run-dir", "empty", "--model", "models:/x@champion"), "--model"),
+    ("unknown crop", (*EMBED, "--run-dir", "empty", "--crop-augment", "six"), "six"),
+    ("unknown excluder", (*EVALUATE[:-1], "viper"), "viper"),
+    ("missing embeddings", EVALUATE, "q.h5"),
+    ("embeddings not HDF5", (*EVALUATE[:4], "query.csv", *EVALUATE[5:]), "query.csv"),
+    ("unknown data set kind", ("prepare", "viper", "images", "--out", "lists"), "viper"),
+    ("missing data set", ("prepare", "market1501", "nowhere", "--out", "lists"), "nowhere"),
+    ("YAML syntax", ("syntax.yaml",), "syntax.yaml:3"),
+    ("YAML unknown key", ("unknown_key.yaml",), "validate_evry"),
+    ("YAML bad range", ("bad_range.yaml",), "lr"),
+    ("YAML bad margin", ("bad_margin.yaml",), "margin"),
+    ("YAML unknown network", ("bad_network.yaml",), "resnet5"),
+    ("YAML missing file", ("nosuch.yaml",), "nosuch.yaml"),
+    ("promote without a tracking database", ("promote", "nosuch"), "mlflow.db"),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a small data set, an empty run folder and search files with one mistake each."""
+    work = tmp_path_factory.mktemp("bad_input")
+    shutil.copytree(demo_data, work / "images")
+    for split in ("train", "query", "test"):
+        shutil.copy(demo_data / f"market1501_{split}.csv", work / f"{split}.csv")
+    (work / "empty").mkdir()
+    (work / "syntax.yaml").write_text("experiment: x\ndata: [\n")
+    good = search_document(
+        work / "images",
+        "bad",
+        storage=str(work / "ray_results"),
+        mlflow={"tracking_uri": f"sqlite:///{work}/mlflow.db"},
+    )
+    write_yaml(work / "unknown_key.yaml", {**good, "train": {**good["train"], "validate_evry": 10}})
+    write_yaml(
+        work / "bad_range.yaml", {**good, "space": {**good["space"], "lr": {"loguniform": [1e-3, 1e-4]}}}
+    )
+    write_yaml(work / "bad_network.yaml", {**good, "train": {**good["train"], "network": "resnet5"}})
+    write_yaml(
+        work / "bad_margin.yaml", {**good, "space": {**good["space"], "margin": {"choice": ["soft", -1]}}}
+    )
+    return work
+
+
+def _tree(folder: Path) -> set[Path]:
+    return {path.relative_to(folder) for path in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(("wrong", "args", "culprit"), CASES, ids=[case[0] for case in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    workdir: Path, wrong: str, args: tuple[str, ...], culprit: str
+) -> None:
+    before = _tree(workdir)
+    done = reid_tune(*args, cwd=workdir)
+    assert done.returncode == 2, (wrong, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert culprit in lines[0], (wrong, lines[0])
+    assert _tree(workdir) == before, f"{wrong}: wrote {sorted(map(str, _tree(workdir) - before))}"

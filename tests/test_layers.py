@@ -1,0 +1,89 @@
+"""The package's layers, checked in fresh interpreters: the re-ID core imports neither Ray nor MLflow,
+the CLI and the search-space reader import nothing heavy, and every vocabulary is defined once."""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import reid_tune
+from reid_tune import vocabulary
+
+# The layers that wrap the core: they may import Ray, Optuna and MLflow.
+WRAPPERS = {"cli", "promote", "search", "tracking"}
+CORE = sorted(
+    f"reid_tune.{m.name}" for m in pkgutil.iter_modules(reid_tune.__path__) if m.name not in WRAPPERS
+)
+
+
+def _imported(modules: list[str], roots: set[str]) -> list[str]:
+    """The top-level packages among ``roots`` that importing ``modules`` pulls in (fresh interpreter)."""
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(roots)!r}))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def test_core_modules_are_the_expected_ones() -> None:
+    for name in (
+        "datasets",
+        "sampler",
+        "augmentation",
+        "models",
+        "losses",
+        "distances",
+        "train",
+        "embed",
+        "evaluate",
+        "gpu_data",
+        "checkpoints",
+        "validation",
+        "config",
+    ):
+        assert f"reid_tune.{name}" in CORE
+
+
+def test_core_imports_neither_ray_nor_mlflow() -> None:
+    assert _imported(CORE, {"ray", "mlflow", "optuna"}) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "banned"),
+    [
+        ("reid_tune.cli", {"torch", "torchvision", "ray", "optuna", "mlflow", "h5py"}),
+        ("reid_tune.config", {"torch", "ray", "optuna", "mlflow"}),
+        ("reid_tune.search.space", {"torch", "torchvision", "ray", "optuna", "mlflow"}),
+        ("reid_tune.checkpoints", {"ray", "mlflow", "rich"}),
+    ],
+)
+def test_light_modules_import_nothing_heavy(module: str, banned: set[str]) -> None:
+    """`reid-tune --help` and a YAML error answer at once because these import no framework."""
+    assert _imported([module], banned) == []
+
+
+def test_loading_a_checkpoint_does_not_import_the_training_loop() -> None:
+    code = "import reid_tune.checkpoints, sys; print(' '.join(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    assert not loaded & {"reid_tune.train", "reid_tune.steps", "reid_tune.training_data", "rich"}
+
+
+def test_each_vocabulary_is_implemented_exactly() -> None:
+    """The modules' name -> implementation tables cover the vocabulary's words, no more, no less."""
+    from reid_tune.augmentation import AGGREGATE
+    from reid_tune.datasets import _CONVERTERS
+    from reid_tune.losses import MINERS
+    from reid_tune.models import list_heads, list_networks
+
+    assert tuple(AGGREGATE) == vocabulary.AGGREGATORS
+    assert tuple(_CONVERTERS) == vocabulary.DATASET_KINDS
+    assert tuple(MINERS) == vocabulary.LOSSES
+    assert list_networks() == sorted(vocabulary.NETWORKS) and list_heads() == sorted(vocabulary.HEADS)
+    assert set(vocabulary.CAMERA_EXCLUDERS) <= set(vocabulary.CONVENTIONS) <= set(vocabulary.EXCLUDERS)
