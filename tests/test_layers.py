@@ -3,10 +3,14 @@ the CLI and the search-space reader import nothing heavy, and every vocabulary i
 
 from __future__ import annotations
 
+import ast
 import json
 import pkgutil
+import re
 import subprocess
 import sys
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +91,45 @@ def test_each_vocabulary_is_implemented_exactly() -> None:
     assert tuple(MINERS) == vocabulary.LOSSES
     assert list_networks() == sorted(vocabulary.NETWORKS) and list_heads() == sorted(vocabulary.HEADS)
     assert set(vocabulary.CAMERA_EXCLUDERS) <= set(vocabulary.CONVENTIONS) <= set(vocabulary.EXCLUDERS)
+
+
+# Import names whose distribution is named otherwise.
+DISTRIBUTIONS = {
+    "PIL": "pillow",
+    "yaml": "pyyaml",
+    "sklearn": "scikit-learn",
+    "pydantic_core": "pydantic-core",
+}
+ROOT = Path(reid_tune.__file__).parents[1]
+LOCAL = {
+    path.stem for folder in ("reid_tune", "tests", "benchmarks") for path in (ROOT / folder).rglob("*.py")
+}
+
+
+def _third_party_imports(folder: str) -> set[str]:
+    """The distributions that the Python files under ``folder`` import (top-level names, any depth)."""
+    names = set()
+    for path in (ROOT / folder).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    names -= set(sys.stdlib_module_names) | LOCAL | {"reid_tune"}
+    return {DISTRIBUTIONS.get(name, name).lower() for name in names}
+
+
+def _requirements(*, extras: bool) -> set[str]:
+    """The installed package's declared distributions: its dependencies, or those of its extras."""
+    found = metadata.requires("reid-tune") or []
+    return {re.split(r"[<>=!~\[; ]", req)[0].lower() for req in found if ("extra ==" in req) == extras}
+
+
+def test_dependencies_match_imports() -> None:
+    """pyproject.toml declares exactly what the package imports; tests and benchmarks add test extras."""
+    declared, extras = _requirements(extras=False), _requirements(extras=True)
+    library = _third_party_imports("reid_tune")
+    assert library <= declared, f"imported but not declared: {sorted(library - declared)}"
+    used = library | _third_party_imports("tests") | _third_party_imports("benchmarks")
+    assert declared <= used, f"declared but never imported: {sorted(declared - used)}"
+    assert used - declared <= extras, f"tests import undeclared: {sorted(used - declared - extras)}"
