@@ -23,7 +23,7 @@ from pathlib import Path
 TARGET_S = 1.5
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "reid_tune.cli"]
-COMMANDS = ("train", "embed", "evaluate", "prepare", "generate-demo", "search", "promote")
+COMMANDS = ("train", "embed", "evaluate", "prepare", "generate-demo", "search", "promote", "doctor")
 
 
 def _cases(folder: Path) -> list[tuple[str, list[str], int]]:

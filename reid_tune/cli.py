@@ -230,6 +230,31 @@ def promote(search_name: str, name: str | None, tracking_uri: str | None, device
     click.echo(result.summary())
 
 
+@cli.command()
+@click.argument("space", required=False, type=click.Path(path_type=Path))
+@click.option("--network", type=click.Choice(vocabulary.NETWORKS), help="Instead of the trial's network.")
+@click.option("--batch-p", type=int, help="Instead of the trial's P.")
+@click.option("--batch-k", type=int, help="Instead of the trial's K.")
+@click.option("--precision", type=click.Choice(vocabulary.PRECISIONS), help="Instead of the trial's.")
+@click.option("--device", help="Device of the checks (default: the trial's; auto: the GPU if there is one).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the file's, else sqlite:///mlflow.db).")
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed steps per throughput reading, at least (repeated for 2 s on a fast device).")
+@click.option("--quick", is_flag=True, help="No throughput: versions, devices, search and checks only.")
+def doctor(space: Path | None, network: str | None, batch_p: int | None, batch_k: int | None,
+           precision: str | None, device: str | None, tracking_uri: str | None, steps: int,
+           quick: bool) -> None:
+    """Check that this machine (or the Ray cluster it joins) can run SPACE's search, and how fast.
+
+    Without SPACE: the demo search's trial on generated data. Exit status 1 when a check fails.
+    """
+    from reid_tune.doctor import run_doctor
+
+    given = {"network": network, "batch_p": batch_p, "batch_k": batch_k, "precision": precision}
+    sys.exit(run_doctor(space, overrides={k: v for k, v in given.items() if v is not None}, device=device,
+                        tracking_uri=tracking_uri, steps=steps, quick=quick))
+
+
 # ---------------------------------------------------------------- entry point
 
 

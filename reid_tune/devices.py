@@ -1,6 +1,11 @@
-"""Device and precision set-up: the device a run uses, its precision, and the process-wide GPU settings."""
+"""Device and precision set-up: the device a run uses, its precision, the process-wide GPU settings, and the
+record of a GPU feature the run had to go without (:class:`Fallback`)."""
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -33,3 +38,36 @@ def configure_gpu(device: torch.device, precision: str) -> None:
     torch.cuda.set_device(device)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+CUDA_GRAPH = "cuda_graph"  # the step as one CUDA graph (reid_tune.steps)
+DATA_CACHE = "data_cache"  # the decoded cache on the GPU, or at all (reid_tune.gpu_data, training_data)
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A GPU feature (:data:`CUDA_GRAPH`, :data:`DATA_CACHE`) the run goes without, what it uses instead and
+    why: training never dies of a GPU feature alone, but a search records that it ran slower."""
+
+    feature: str
+    instead: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"fallback to {self.instead} ({self.reason})"
+
+
+OnFallback = Callable[[Fallback], None]  # told of each GPU feature a run goes without
+
+
+def fall_back(
+    feature: str, instead: str, cause: BaseException | str, tell: OnFallback | None = None
+) -> Fallback:
+    """Warn (once: each fallback happens once a run) that ``feature`` gives way to ``instead``; the record,
+    also given to ``tell`` (e.g. the training callbacks)."""
+    reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+    fallback = Fallback(feature, instead, " ".join(reason.split())[:300])
+    warnings.warn(f"{feature}: {fallback}", RuntimeWarning, stacklevel=2)
+    if tell is not None:
+        tell(fallback)
+    return fallback

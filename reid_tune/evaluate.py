@@ -135,14 +135,15 @@ def evaluate(
     """CMC, mAP and mINP of ``query_embs`` (Q, D) retrieving from ``gallery_embs`` (G, D).
 
     Pids and fids are string arrays; see the module docstring for the exact semantics.
-    ``device`` defaults to CUDA when available; ``chunk_size`` queries are processed at a time.
+    ``device`` defaults to CUDA when available (see :func:`evaluation_device`); ``chunk_size`` queries
+    are processed at a time.
     """
     _check_choices(excluder=excluder, metric=metric)
     if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise ReidTuneError(f"chunk_size={chunk_size}: expected 1 to {MAX_CHUNK_SIZE}")
     query_pids, gallery_pids = _strings(query_pids, "query_pids"), _strings(gallery_pids, "gallery_pids")
     query_fids, gallery_fids = _strings(query_fids, "query_fids"), _strings(gallery_fids, "gallery_fids")
-    device = _device(device)
+    device = evaluation_device(device)
     query = _embeddings(query_embs, "query", len(query_pids), len(query_fids), device)
     gallery = _embeddings(gallery_embs, "gallery", len(gallery_pids), len(gallery_fids), device)
     if query.shape[1] != gallery.shape[1]:
@@ -208,10 +209,13 @@ def _strings(values: np.ndarray, name: str) -> np.ndarray:
     return array.astype(str)
 
 
-def _device(device: str | torch.device | None) -> torch.device:
+def evaluation_device(device: str | torch.device | None) -> torch.device:
+    """Where evaluation computes (in float64): ``device``, the CPU for MPS (no float64 there), by default
+    CUDA when available."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def _embeddings(embs: np.ndarray | torch.Tensor, name: str, num_pids: int, num_fids: int,

@@ -5,6 +5,8 @@ leaves, and on a CPU-only machine the decoding workers take cores from the step 
 is decoded and resized to the pre-crop size once, into a node-local ``.npy`` file that concurrent
 trials build once (under a file lock, written atomically) and then map. A GPU trial holds the cache on
 its GPU (or, when that lacks room, in host memory, shipping uint8 batches); a CPU trial maps the file.
+Trials sharing a GPU each count only their share of its memory; a cache that does not fit stays in host
+memory, and one that cannot be built or mapped gives way to the cpu path (each a warned :class:`Fallback`).
 Each PK batch is gathered, flipped, cropped and normalised by a few tensor operations on the device:
 no decoding per step. The pixels equal the CPU path's for the same flip and crop, but the random draws
 come from a torch generator seeded by (seed, step), not numpy's per-image streams: a run keeps one path
@@ -28,6 +30,7 @@ from reid_tune.atomic import atomic_path, remove_stale_temps
 from reid_tune.augmentation import batch_train_augment, resized
 from reid_tune.config import TrainConfig
 from reid_tune.datasets import ReidDataset, load_image
+from reid_tune.devices import DATA_CACHE, OnFallback, fall_back
 from reid_tune.errors import ReidTuneError
 from reid_tune.sampler import PKSampler, shard_batch
 
@@ -56,7 +59,8 @@ def cache_bytes(num_images: int, size: tuple[int, int]) -> int:
 
 def resolve_data_path(cfg: TrainConfig, num_images: int) -> str:
     """``cpu`` or ``device``; ``auto`` is ``device`` (on a GPU and on the CPU) when the cache is at most
-    ``cache_limit_gib``. A function of the options and the set's size only, so a resumed run takes the same path.
+    ``cache_limit_gib``. A function of the options and the set's size only, so a resumed run takes the same
+    path.
     """
     if cfg.data_path != "auto":
         return cfg.data_path
@@ -131,8 +135,21 @@ def _decode_into(cache: np.ndarray, index: int, path: Path, size: tuple[int, int
     cache[index] = resized(load_image(path), size).transpose(2, 0, 1)
 
 
-def place_cache(cache: np.ndarray, device: torch.device, *, headroom_gib: float) -> torch.Tensor:
-    """The cache as a tensor on ``device`` if it leaves ``headroom_gib`` free there, else in host memory.
+def cache_fits(nbytes: int, *, free: int, total: int, used: int, headroom_gib: float,
+               share: float = 1.0) -> bool:
+    """Whether a cache of ``nbytes`` leaves ``headroom_gib`` free in this process's part of a GPU.
+
+    ``free``/``total``: the GPU's memory; ``used``: what this process holds there already. A process
+    that holds a ``share`` of the GPU (Ray's fractional ``gpus_per_worker``) counts only that share, so
+    trials that share a GPU and check at the same time cannot each take the same free memory.
+    """
+    room = min(free, total * share - used)
+    return nbytes + headroom_gib * GIB <= room
+
+
+def place_cache(cache: np.ndarray, device: torch.device, *, headroom_gib: float, share: float = 1.0,
+                on_fallback: OnFallback | None = None) -> torch.Tensor:
+    """The cache as a tensor on ``device`` if it fits there (:func:`cache_fits`), else in host memory.
 
     The host copy is the mapped file itself, shared between the trials of a node through the page
     cache; each batch is then gathered on the host and shipped as uint8 through pinned memory.
@@ -140,8 +157,29 @@ def place_cache(cache: np.ndarray, device: torch.device, *, headroom_gib: float)
     host = torch.from_numpy(cache)
     if device.type != "cuda":
         return host
-    free, _ = torch.cuda.mem_get_info(device)
-    return host.to(device) if cache.nbytes + headroom_gib * GIB <= free else host
+    free, total = torch.cuda.mem_get_info(device)
+    if not cache_fits(cache.nbytes, free=free, total=total, used=torch.cuda.memory_reserved(device),
+                      headroom_gib=headroom_gib, share=share):
+        room = f"{share:.0%} of {device}'s {total / GIB:.0f} GiB, {free / GIB:.1f} GiB free"
+        cause = f"a {cache.nbytes / GIB:.2f} GiB cache would leave less than {headroom_gib:g} GiB of {room}"
+        return _in_host_memory(host, device, cause, on_fallback)
+    try:
+        return host.to(device)
+    except RuntimeError as err:  # torch.cuda.OutOfMemoryError, or an allocation's "out of memory"
+        if "out of memory" not in str(err):
+            raise
+        return _in_host_memory(host, device, err, on_fallback)
+
+
+def _in_host_memory(host: torch.Tensor, device: torch.device, cause: BaseException | str,
+                    on_fallback: OnFallback | None) -> torch.Tensor:
+    """``host``, once warned why it is not on ``device`` and one pinned copy of it was made.
+
+    A failed pinned copy raises here, before training, for the caller to fall back to the cpu path.
+    """
+    fall_back(DATA_CACHE, "host memory", cause, on_fallback)
+    _moved(host[:1], device)
+    return host
 
 
 # ---------------------------------------------------------------- batches
@@ -177,11 +215,13 @@ class DeviceBatches:
 
     @classmethod
     def from_dataset(cls, dataset: ReidDataset, cfg: TrainConfig, device: torch.device, *, rank: int = 0,
-                     world_size: int = 1) -> DeviceBatches:
-        """Decode (or map) the node's cache of ``dataset`` and place it for ``device``."""
+                     world_size: int = 1, gpu_share: float = 1.0,
+                     on_fallback: OnFallback | None = None) -> DeviceBatches:
+        """Decode (or map) the node's cache of ``dataset``; place it for ``device`` (:func:`place_cache`)."""
         cache = decode_cache(dataset.fids, cfg.image_root, cache_image_size(cfg),
                              cache_dir=cache_folder(cfg.cache_dir))
-        images = place_cache(cache, device, headroom_gib=cfg.cache_headroom_gib)
+        images = place_cache(cache, device, headroom_gib=cfg.cache_headroom_gib, share=gpu_share,
+                             on_fallback=on_fallback)
         return cls(images, dataset.pids, cfg, device, rank=rank, world_size=world_size)
 
     def __len__(self) -> int:

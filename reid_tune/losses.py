@@ -3,13 +3,15 @@
 ``cdist`` (``reid_tune.distances``) gives the all-pairs distances, a miner (:data:`MINERS`) picks the
 triplets and returns ``d(a, p) - d(a, n)`` through :func:`apply_margin`, and :class:`TripletLoss`
 glues them together and adds the in-batch statistics triplet-reid logs. Everything is a pure
-function of ``(embeddings, labels)``, so global mining can run it on all-gathered embeddings.
+function of ``(embeddings, labels)``, so global mining can run it on all-gathered embeddings, and has
+static shapes without host syncs (masks, never boolean indexing), so a CUDA graph can capture it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,27 +54,41 @@ def _hardest(
     return furthest_pos, closest_neg
 
 
-def batch_hard(dists: torch.Tensor, labels: torch.Tensor, margin: str | float) -> torch.Tensor:
+class Mined(NamedTuple):
+    """A miner's losses in a static shape, and which of them are triplets (``None``: all of them)."""
+
+    losses: torch.Tensor
+    valid: torch.Tensor | None = None
+
+    def mean(self) -> torch.Tensor:
+        """The mean loss over the triplets (NaN if there are none)."""
+        return _masked_mean(self.losses, self.valid)
+
+
+def batch_hard(dists: torch.Tensor, labels: torch.Tensor, margin: str | float) -> Mined:
     """Batch-hard loss per anchor, shape (B,): its furthest positive against its closest negative.
 
-    Static shapes and no host sync. An anchor without a positive or a negative in the batch has no
-    triplet and gets loss 0 (with zero gradient); in a PK batch every anchor has both.
+    An anchor without a positive or a negative in the batch has no triplet and gets loss 0 (with zero
+    gradient), counted in the mean as in triplet-reid; in a PK batch every anchor has both.
     """
     positive, negative = _pair_masks(dists, labels)
     furthest_pos, closest_neg = _hardest(dists, positive, negative)
     has_triplet = positive.any(dim=1) & negative.any(dim=1)
-    return torch.where(has_triplet, apply_margin(furthest_pos - closest_neg, margin), 0.0)
+    return Mined(torch.where(has_triplet, apply_margin(furthest_pos - closest_neg, margin), 0.0))
 
 
-def batch_all(dists: torch.Tensor, labels: torch.Tensor, margin: str | float) -> torch.Tensor:
-    """Losses of all valid (anchor, positive, negative) triplets, flattened in (a, p, n) order."""
+def batch_all(dists: torch.Tensor, labels: torch.Tensor, margin: str | float) -> Mined:
+    """Losses of all (anchor, positive, negative) triples at ``[a, p, n]``, shape (B, B, B).
+
+    ``valid`` marks the triplets (losses are 0 elsewhere): ``losses[valid]`` lists them in (a, p, n) order.
+    """
     positive, negative = _pair_masks(dists, labels)
     valid = positive[:, :, None] & negative[:, None, :]
     diffs = dists[:, :, None] - dists[:, None, :]  # d(a, p) - d(a, n) at [a, p, n]
-    return apply_margin(diffs[valid], margin)
+    return Mined(torch.where(valid, apply_margin(diffs, margin), 0.0), valid)
 
 
-Miner = Callable[[torch.Tensor, torch.Tensor, str | float], torch.Tensor]
+Miner = Callable[[torch.Tensor, torch.Tensor, str | float], Mined]
 MINERS: dict[str, Miner] = {"batch_hard": batch_hard, "batch_all": batch_all}  # vocabulary.LOSSES
 
 
@@ -89,12 +105,17 @@ def _mean_min_max(values: torch.Tensor, mask: torch.Tensor | None = None) -> Sta
         return nan, nan, nan
     if mask is None:
         return values.mean(), values.amin(), values.amax()
-    count = mask.sum()
-    mean = torch.where(mask, values, 0.0).sum() / count
     low = torch.where(mask, values, math.inf).amin()
     high = torch.where(mask, values, -math.inf).amax()
-    empty = count == 0
-    return mean, torch.where(empty, math.nan, low), torch.where(empty, math.nan, high)
+    empty = ~mask.any()
+    return _masked_mean(values, mask), torch.where(empty, math.nan, low), torch.where(empty, math.nan, high)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values[mask]`` (all of them if no mask) without dynamic shapes; NaN if none."""
+    if mask is None:
+        return values.mean()
+    return torch.where(mask, values, 0.0).sum() / mask.sum()
 
 
 def _named(prefix: str, stats: Stats3) -> dict[str, torch.Tensor]:
@@ -105,29 +126,29 @@ def _named(prefix: str, stats: Stats3) -> dict[str, torch.Tensor]:
 def triplet_stats(
     dists: torch.Tensor,
     labels: torch.Tensor,
-    losses: torch.Tensor,
+    mined: Mined,
     embeddings: torch.Tensor,
     *,
     k: int,
 ) -> dict[str, torch.Tensor]:
     """What triplet-reid monitors during training, as detached scalar tensors (no host sync).
 
-    ``top1``/``prec_at_k``: how often an anchor's nearest / ``k`` nearest other samples in the
-    batch share its label (``k = K - 1`` in training). Distances over pairs, hardest distances over
-    anchors that have them, embedding norms over samples.
+    Losses over the mined triplets. ``top1``/``prec_at_k``: how often an anchor's nearest / ``k``
+    nearest other samples in the batch share its label (``k = K - 1`` in training). Distances over
+    pairs, hardest distances over anchors that have them, embedding norms over samples.
     """
     batch = len(labels)
     if not 1 <= k <= batch - 1:
         raise ConfigError(f"k={k}: must be in [1, {batch - 1}] (batch size - 1)")
-    dists, losses = dists.detach(), losses.detach()
+    dists, losses = dists.detach(), mined.losses.detach()
     positive, negative = _pair_masks(dists, labels)
     same = labels[:, None] == labels[None, :]
     others = dists.masked_fill(torch.eye(batch, dtype=torch.bool, device=dists.device), math.inf)
     nearest_same = same.gather(1, others.topk(k, dim=1, largest=False).indices).to(dists.dtype)
     furthest_pos, closest_neg = _hardest(dists, positive, negative)
     return {
-        **_named("loss", _mean_min_max(losses)),
-        "active_fraction": (losses > ACTIVE_THRESHOLD).to(dists.dtype).mean(),
+        **_named("loss", _mean_min_max(losses, mined.valid)),
+        "active_fraction": _masked_mean((losses > ACTIVE_THRESHOLD).to(dists.dtype), mined.valid),
         "top1": nearest_same[:, 0].mean(),
         "prec_at_k": nearest_same.mean(),
         **_named("pos_dist", _mean_min_max(dists, positive)),
@@ -172,10 +193,10 @@ class TripletLoss(torch.nn.Module):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
             dists = cdist(embeddings, embeddings, self.metric)
-            losses = MINERS[self.mining](dists, labels, self.margin)
+            mined = MINERS[self.mining](dists, labels, self.margin)
         if self.precision_k is None:
-            return losses.mean(), {}
-        return losses.mean(), triplet_stats(dists, labels, losses, embeddings, k=self.precision_k)
+            return mined.mean(), {}
+        return mined.mean(), triplet_stats(dists, labels, mined, embeddings, k=self.precision_k)
 
     def extra_repr(self) -> str:
         return (

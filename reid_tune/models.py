@@ -8,6 +8,7 @@ exposes ``feature_dim``; a head maps that feature to the embedding (B, E) and ex
 from __future__ import annotations
 
 import functools
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,17 @@ def _download(weights: torchvision.models.WeightsEnum, pretrained: str) -> dict[
             f"pretrained={pretrained!r}: could not download {weights.url} ({type(exc).__name__}); "
             f"fetch it elsewhere and pass its local path, or put it at {cached}"
         ) from exc
+
+
+def check_pretrained(network: str, pretrained: str, *, timeout_s: float = 30.0) -> None:
+    """Load ``pretrained`` into ``network``'s trunk once, downloading it into torch.hub's cache when need be
+    (a stalled connection fails after ``timeout_s``): a search checks its weights before any trial."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    try:
+        _lookup(_NETWORKS, "network", network)(pretrained=pretrained)
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _read_state_dict(pretrained: str, choices: Sequence[str], network: str) -> dict[str, torch.Tensor]:

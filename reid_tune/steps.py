@@ -1,7 +1,8 @@
 """The update of one PK batch: forward, batch-hard loss, backward and Adam, eager or as one CUDA graph.
 
 On a GPU with one worker the step is one CUDA graph replay (:class:`GraphedTrainStep`, bf16 autocast,
-channels_last); elsewhere, or with ``cuda_graph=False``, it runs eagerly (:class:`TrainStep`).
+channels_last); elsewhere, or with ``cuda_graph=False``, it runs eagerly (:class:`TrainStep`). A graph that
+fails to capture leaves the step eager (``fallback`` says why), its weights and Adam state untouched.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from reid_tune.config import TrainConfig
-from reid_tune.devices import configure_gpu, resolve_precision
+from reid_tune.devices import CUDA_GRAPH, Fallback, configure_gpu, fall_back, resolve_precision
 from reid_tune.distributed import gather_batch, rank_and_world, wrap_model
 from reid_tune.errors import ReidTuneError
 from reid_tune.losses import TripletLoss
@@ -27,6 +28,9 @@ class TrainStep:
     ``model`` is the plain network (what checkpoints hold); ``net`` is what runs it: DDP when
     distributed, compiled when asked.
     """
+
+    graphed = False  # whether the update runs as one CUDA graph replay
+    fallback: Fallback | None = None  # why a graphed step runs eagerly instead
 
     def __init__(
         self,
@@ -62,6 +66,7 @@ class TrainStep:
         self.optimizer.load_state_dict(state["optimizer"])
         for group, kept in zip(self.optimizer.param_groups, options):
             group.update(kept)
+        _laid_out_like_params(self.optimizer)
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next step; a tensor lr is filled in place (no host sync, graph-safe)."""
@@ -99,9 +104,10 @@ class GraphedTrainStep(TrainStep):
     """:class:`TrainStep` replayed as one CUDA graph: forward, loss, backward and Adam in a single launch.
 
     At P=18 K=4 an eager step is launch-bound; a replay is not. The first call warms up on a side
-    stream (cuDNN autotuning, lazy allocations, Adam's state), rolls those steps back, and captures
-    one step reading static batch buffers; Adam is capturable with its lr a device tensor, so the
+    stream (cuDNN autotuning, lazy allocations, Adam's state), captures one step reading static batch
+    buffers, and rolls the warm-up back; Adam is capturable with its lr a device tensor, so the
     schedule needs no re-capture. The returned statistics are static tensors, overwritten by every call.
+    If the capture fails, the step warns once and runs eagerly (``fallback``).
     """
 
     WARMUP_STEPS = 3  # eager steps before capture, as PyTorch's whole-network capture example
@@ -110,33 +116,75 @@ class GraphedTrainStep(TrainStep):
         super().__init__(*args, **kwargs)
         self.graph: torch.cuda.CUDAGraph | None = None
 
+    @property
+    def graphed(self) -> bool:
+        """Whether the update is captured (False before the first call and after a failed capture)."""
+        return self.graph is not None
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """As :meth:`TrainStep.load_state`, before the capture only: the graph holds the current tensors."""
+        if self.graph is not None:
+            raise ReidTuneError("load_state: after the CUDA graph's capture, expected before the first step")
+        super().load_state(state)
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
+        if self.graph is None and self.fallback is None:
+            self._capture_or_fall_back(images, labels)
         if self.graph is None:
-            self._capture(images, labels)
+            return super().__call__(images, labels, lr)
         self.set_lr(lr)
         self.static_images.copy_(images, non_blocking=True)
         self.static_labels.copy_(labels, non_blocking=True)
         self.graph.replay()
         return self.static_stats
 
+    def _capture_or_fall_back(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """:meth:`_capture`; if anything in it fails, warn once and run eagerly from now on (``fallback``)."""
+        try:
+            self._capture(images, labels)
+        except Exception as err:  # noqa: BLE001 - training must not die of a CUDA graph alone
+            for group in self.optimizer.param_groups:
+                group["capturable"] = False  # as the eager step's Adam (no warning about capturable steps)
+            self.fallback = fall_back(CUDA_GRAPH, "eager", err)
+
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Static buffers shaped like this batch, warm-up (rolled back), then the capture of one update."""
-        self.static_images = torch.empty(images.shape, device=self.device, memory_format=self.memory_format)
-        self.static_labels = torch.empty(labels.shape, dtype=labels.dtype, device=self.device)
-        self.static_images.copy_(images)
-        self.static_labels.copy_(labels)
+        """Static buffers shaped like this batch, warm-up and the capture of one update, both rolled back;
+        the step's graph and buffers are set only once all of it succeeded."""
+        static_images = torch.empty(images.shape, device=self.device, memory_format=self.memory_format)
+        static_labels = torch.empty(labels.shape, dtype=labels.dtype, device=self.device)
+        static_images.copy_(images)
+        static_labels.copy_(labels)
         with rolled_back(self.model, self.optimizer), warnings.catch_warnings():
             # Adam says capturable=True is slow outside a graph; the warm-up must run outside one
             warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            with _side_stream(self.device):
                 for _ in range(self.WARMUP_STEPS):
-                    self.update(self.static_images, self.static_labels)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_stats = self.update(self.static_images, self.static_labels)
+                    self.update(static_images, static_labels)
+            graph, stats = self._record(static_images, static_labels)
+        self.static_images, self.static_labels = static_images, static_labels
+        self.static_stats, self.graph = stats, graph
+
+    def _record(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, dict]:
+        """One update of the static ``images`` and ``labels`` captured as a new graph; its static statistics.
+
+        Errors stay thread-local: a DataLoader's pin-memory thread may copy while this thread captures.
+        """
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            stats = self.update(images, labels)
+        return graph, stats
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """The block on a new stream, ordered after the current one's work and before its next (graph warm-up)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        torch.cuda.current_stream(device).wait_stream(side)
 
 
 @contextlib.contextmanager
@@ -144,11 +192,24 @@ def rolled_back(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Ite
     """Undo the block's training steps in place: weights, buffers and optimizer state as before.
 
     State the block created (Adam's first moments and step count) is zeroed, which is Adam's fresh state.
-    Tensors keep their storage, so a graph captured afterwards sees the restored values.
+    Tensors keep their storage, so a graph captured in the block sees the restored values; a block that
+    raises is undone too.
     """
     weights = [t.clone() for t in model.state_dict().values()]
     moments = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
-    yield
+    try:
+        yield
+    finally:
+        _restore(model, optimizer, weights, moments)
+
+
+def _restore(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    weights: list[torch.Tensor],
+    moments: dict[torch.Tensor, dict[str, torch.Tensor]],
+) -> None:
+    """Copy the saved ``weights`` and ``moments`` back in place; zero optimizer state made since."""
     with torch.no_grad():
         for tensor, saved in zip(model.state_dict().values(), weights):
             tensor.copy_(saved)
@@ -158,6 +219,18 @@ def rolled_back(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Ite
                     value.copy_(moments[param][key])
                 else:
                     value.zero_()
+
+
+def _laid_out_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Each state tensor shaped like its parameter (Adam's moments) in the parameter's memory layout.
+
+    A run started on the CPU (contiguous) and resumed on a GPU (channels_last) loads contiguous moments;
+    fused Adam pairs a parameter's and its moments' elements by memory position.
+    """
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def use_cuda_graph(cfg: TrainConfig, device: torch.device) -> bool:

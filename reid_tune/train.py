@@ -30,7 +30,7 @@ from reid_tune.checkpoints import (
     save_checkpoint,
 )
 from reid_tune.config import TrainConfig
-from reid_tune.devices import resolve_device
+from reid_tune.devices import Fallback, resolve_device
 from reid_tune.distributed import rank_and_world
 from reid_tune.errors import ReidTuneError
 from reid_tune.models import ReidModel
@@ -60,6 +60,10 @@ class TrainCallback:
 
     def on_checkpoint(self, step: int, path: Path | None, model: ReidModel) -> None:
         """Called after the checkpoint of ``step`` was written to ``path`` (None on workers but rank 0)."""
+
+    def on_fallback(self, fallback: Fallback) -> None:
+        """Called when the run goes without a GPU feature (already warned): a CUDA graph that failed to
+        capture (after the first step), a decoded cache that did not fit (before it)."""
 
 
 @dataclass(frozen=True)
@@ -124,12 +128,18 @@ def _append_log(run_dir: Path, record: dict[str, float]) -> None:
 
 
 def train(
-    cfg: TrainConfig | None, run_dir: Path, *, resume: bool = False, callback: TrainCallback | None = None
+    cfg: TrainConfig | None,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    callback: TrainCallback | None = None,
+    gpu_share: float = 1.0,
 ) -> TrainResult:
     """Train one model into ``run_dir``; with ``resume`` continue it from its newest checkpoint.
 
     Under an initialised process group (e.g. a Ray Train worker) every worker runs this with its share
-    of each PK batch; rank 0 alone writes the run folder, every worker gets the callbacks.
+    of each PK batch; rank 0 alone writes the run folder, every worker gets the callbacks. ``gpu_share``:
+    the part of its GPU this process holds (a fractional Ray GPU), which its decoded cache may fill.
 
     Example::
 
@@ -138,19 +148,26 @@ def train(
     """
     run_dir = Path(run_dir)
     cfg = run_options(cfg, run_dir, resume=resume)
+    callback = callback or TrainCallback()
     rank, world = rank_and_world()
     device = resolve_device(cfg.device)
     dataset = load_training_set(cfg)
     step_fn = build_step(cfg, device)
-    batches = open_batches(dataset, cfg, device, rank=rank, world_size=world)
+    batches = open_batches(
+        dataset,
+        cfg,
+        device,
+        rank=rank,
+        world_size=world,
+        gpu_share=gpu_share,
+        on_fallback=callback.on_fallback,
+    )
     if not resume and rank == 0:  # written only once the options and the data passed every check
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / CONFIG_FILE)
     start, last = _restore(step_fn, run_dir, device) if resume else (0, None)
     step_fn.distribute()
-    return _loop(
-        cfg, run_dir, step_fn, batches(start), start, last, callback or TrainCallback(), main=rank == 0
-    )
+    return _loop(cfg, run_dir, step_fn, batches(start), start, last, callback, main=rank == 0)
 
 
 def _restore(step_fn: TrainStep, run_dir: Path, device: torch.device) -> tuple[int, Path | None]:
@@ -184,6 +201,8 @@ def _loop(
             lr = lr_at(step, cfg)
             stats = step_fn(images, labels, lr)
             done = step + 1
+            if step == start and step_fn.fallback is not None:  # the first call captures the graph
+                callback.on_fallback(step_fn.fallback)
 
             # log: the only host synchronisation of the loop
             if done % cfg.log_every == 0 or done == cfg.train_iterations:

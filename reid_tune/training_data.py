@@ -2,11 +2,14 @@
 
 Two paths feed the loop (``TrainConfig.data_path``): the cpu path here, JPEGs decoded and augmented
 every step by DataLoader processes (:class:`PKBatches`), and the device path of ``reid_tune.gpu_data``,
-a decoded cache augmented on the device. Both are pure functions of (seed, step): resume-exact.
+a decoded cache augmented on the device. Both are pure functions of (seed, step): resume-exact. A cache
+that cannot be built or held gives way to the cpu path (a warned fallback: its batches differ, so a resume
+that does not fall back is no longer exact).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,11 +21,13 @@ import torch
 from reid_tune.augmentation import train_augment
 from reid_tune.config import TrainConfig
 from reid_tune.datasets import ReidDataset, check_trainable, load_csv, load_image
+from reid_tune.devices import DATA_CACHE, OnFallback, fall_back
 from reid_tune.errors import ReidTuneError
 from reid_tune.gpu_data import DeviceBatches, resolve_data_path
 from reid_tune.sampler import PKSampler, shard_batch
 
 BatchSource = Callable[[int], Iterator[Any]]  # start step -> (step, images, labels) up to the last step
+OUT_OF_ROOM = (errno.ENOMEM, errno.ENOSPC, errno.EDQUOT)  # an OSError the cpu path avoids (not a bad file)
 
 
 def load_training_set(cfg: TrainConfig) -> ReidDataset:
@@ -38,13 +43,40 @@ def load_training_set(cfg: TrainConfig) -> ReidDataset:
 
 
 def open_batches(
-    dataset: ReidDataset, cfg: TrainConfig, device: torch.device, *, rank: int = 0, world_size: int = 1
+    dataset: ReidDataset,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    gpu_share: float = 1.0,
+    on_fallback: OnFallback | None = None,
 ) -> BatchSource:
-    """The run's data path (see ``TrainConfig.data_path``): decoded cache on the device, or a DataLoader."""
+    """The run's data path (see ``TrainConfig.data_path``): decoded cache on the device, or a DataLoader.
+
+    ``gpu_share``: the part of the GPU this process holds (see ``gpu_data.cache_fits``). A cache that
+    cannot be built, mapped or shipped through pinned memory falls back to the DataLoader, unpinned.
+    """
+    pin = device.type == "cuda"
     if resolve_data_path(cfg, len(dataset)) == "device":
-        return DeviceBatches.from_dataset(dataset, cfg, device, rank=rank, world_size=world_size).stream
+        try:
+            cache = DeviceBatches.from_dataset(
+                dataset,
+                cfg,
+                device,
+                rank=rank,
+                world_size=world_size,
+                gpu_share=gpu_share,
+                on_fallback=on_fallback,
+            )
+            return cache.stream
+        except (MemoryError, RuntimeError, OSError) as err:
+            if isinstance(err, OSError) and err.errno not in OUT_OF_ROOM:
+                raise
+            fall_back(DATA_CACHE, "the cpu path's DataLoader, unpinned", err, on_fallback)
+            pin = False
     batches = PKBatches(dataset, cfg, rank=rank, world_size=world_size)
-    return functools.partial(batch_stream, batches, num_workers=cfg.num_workers, pin=device.type == "cuda")
+    return functools.partial(batch_stream, batches, num_workers=cfg.num_workers, pin=pin)
 
 
 class PKBatches(torch.utils.data.Dataset):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
+from reid_tune.devices import Fallback
 from reid_tune.train import TrainCallback
 
 if TYPE_CHECKING:  # mlflow and Ray take seconds to import; only the search tests need them
@@ -42,6 +43,16 @@ class InterruptAt(TrainCallback):
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         if step == self.step:
             os.kill(os.getpid(), signal.SIGINT)
+
+
+class RecordFallbacks(TrainCallback):
+    """Keeps the GPU features the run went without, in the order it reported them."""
+
+    def __init__(self) -> None:
+        self.fallbacks: list[Fallback] = []
+
+    def on_fallback(self, fallback: Fallback) -> None:
+        self.fallbacks.append(fallback)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -4,10 +4,13 @@ no traceback, and nothing written (no run folder, no embeddings, no stray ``mlfl
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import reid_tune, search_document, write_yaml
+import torch
+from helpers import free_port, reid_tune, search_document, write_yaml
 
 TRAIN = (
     "train",
@@ -67,6 +70,10 @@ CASES = [
     ("YAML bad margin", ("bad_margin.yaml",), "margin"),
     ("YAML unknown network", ("bad_network.yaml",), "resnet5"),
     ("YAML missing file", ("nosuch.yaml",), "nosuch.yaml"),
+    ("YAML batch_p two workers cannot split", ("odd_batch.yaml",), "batch_p: 5: expected a multiple of 2"),
+    ("YAML GPU this machine lacks", ("gpu.yaml", "--smoke"), "resources.gpus_per_worker"),
+    ("YAML pretrained file missing", ("no_weights.yaml",), "train.pretrained: '/nowhere/weights.pth'"),
+    ("YAML pretrained weights unreachable", ("offline_weights.yaml",), "pretrained: 'imagenet': could not"),
     ("promote without a tracking database", ("promote", "nosuch"), "mlflow.db"),
 ]
 
@@ -94,7 +101,31 @@ def workdir(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_yaml(
         work / "bad_margin.yaml", {**good, "space": {**good["space"], "margin": {"choice": ["soft", -1]}}}
     )
+    odd = {**good, "resources": {"workers": 2}, "space": {**good["space"], "batch_p": {"choice": [4, 5]}}}
+    write_yaml(work / "odd_batch.yaml", odd)
+    # a file that passes every check of the YAML (P fits the 9 training identities): it fails at start
+    space = {**good["space"], "batch_p": {"int": [2, 8]}}
+    runnable = {**good, "space": space, "search": {"start_points": []}}
+    # half a GPU more than this machine has: on a machine without one, the issue's `gpus_per_worker: 0.5`
+    gpu = {"gpus_per_worker": torch.cuda.device_count() + 0.5}
+    write_yaml(work / "gpu.yaml", {**runnable, "resources": gpu})
+    for name, pretrained in (("no_weights", "/nowhere/weights.pth"), ("offline_weights", "imagenet")):
+        train = {**good["train"], "network": "resnet18", "pretrained": pretrained}
+        write_yaml(work / f"{name}.yaml", {**runnable, "train": train})
     return work
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_and_alone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The CLI runs see no internet (HTTPS goes to a closed local port), an empty torch.hub cache outside
+    the work folder, and no Ray cluster: a search is local."""
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("no_proxy", "NO_PROXY", "RAY_ADDRESS"):
+            env.delenv(name, raising=False)
+        for name in ("https_proxy", "HTTPS_PROXY"):
+            env.setenv(name, f"http://127.0.0.1:{free_port()}")
+        env.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch")))
+        yield
 
 
 def _tree(folder: Path) -> set[Path]:
@@ -113,3 +144,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert culprit in lines[0], (wrong, lines[0])
     assert _tree(workdir) == before, f"{wrong}: wrote {sorted(map(str, _tree(workdir) - before))}"
+
+
+def test_a_local_search_asking_for_a_gpu_this_machine_lacks_fails_within_a_minute(workdir: Path) -> None:
+    """The issue's case (it waited for ever): the error above comes before Ray starts."""
+    started = time.monotonic()
+    assert reid_tune("gpu.yaml", "--smoke", cwd=workdir).returncode == 2
+    assert time.monotonic() - started < 60

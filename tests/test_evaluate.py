@@ -13,7 +13,7 @@ import torch
 
 from reid_tune.datasets import camera_ids, pids_from_names, write_csv
 from reid_tune.errors import ReidTuneError
-from reid_tune.evaluate import EvalResult, evaluate, evaluate_files
+from reid_tune.evaluate import EvalResult, evaluate, evaluate_files, evaluation_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_eval  # noqa: E402
@@ -237,6 +237,13 @@ def test_accepts_tensors_float32_and_grad() -> None:
     data["query_embs"] = torch.from_numpy(data["query_embs"].astype(np.float32)).requires_grad_()
     data["gallery_embs"] = torch.from_numpy(data["gallery_embs"].astype(np.float32))
     np.testing.assert_allclose(evaluate(**data, device="cpu").aps, expected.aps, atol=ATOL)
+
+
+def test_evaluation_runs_where_float64_does() -> None:
+    """MPS has no float64: a model on Apple's GPU is evaluated on the CPU."""
+    assert evaluation_device("mps") == torch.device("cpu") and evaluation_device("cpu") == torch.device("cpu")
+    assert evaluation_device("cuda:1") == torch.device("cuda", 1)
+    assert evaluation_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import multiprocessing
 import os
@@ -11,18 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import InterruptAt, weights
+from helpers import InterruptAt, RecordFallbacks, weights
 
 from reid_tune import gpu_data
 from reid_tune.augmentation import IMAGENET_MEAN, IMAGENET_STD, resized, train_augment
 from reid_tune.config import TrainConfig, config_from_dict
 from reid_tune.datasets import load_csv, load_image
+from reid_tune.devices import DATA_CACHE, Fallback
 from reid_tune.errors import ReidTuneError
-from reid_tune.gpu_data import DeviceBatches, decode_cache, resolve_data_path
+from reid_tune.gpu_data import GIB, DeviceBatches, cache_fits, decode_cache, place_cache, resolve_data_path
 from reid_tune.losses import TripletLoss
 from reid_tune.models import create_model
 from reid_tune.steps import build_step, rolled_back
 from reid_tune.train import train
+from reid_tune.training_data import PKBatches, open_batches
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SIZE = (72, 36)
@@ -237,6 +240,109 @@ def test_auto_takes_the_device_path_for_caches_within_the_limit(tiny_config: Tra
     assert resolve_data_path(tiny_config.replace(data_path="device", cache_limit_gib=0.0), 48) == "device"
 
 
+# ---------------------------------------------------------------- falling back
+
+
+@pytest.mark.parametrize(("free", "used", "share", "fits"), [
+    (80, 0, 1.0, True),  # 10 GiB cache + 16 GiB headroom in 80 GiB free
+    (25, 0, 1.0, False),  # not in 25 GiB free
+    (80, 0, 0.5, True),  # half of an 80 GiB GPU
+    (80, 0, 0.25, False),  # not in a quarter
+    (80, 20, 0.5, False),  # nor in the half this process already holds 20 GiB of
+])
+def test_a_cache_must_fit_the_share_of_the_gpu_it_holds(free: int, used: int, share: float,
+                                                         fits: bool) -> None:
+    got = cache_fits(10 * GIB, free=free * GIB, total=80 * GIB, used=used * GIB, headroom_gib=16, share=share)
+    assert got == fits
+
+
+def test_two_half_gpu_trials_checking_at_once_stay_within_the_gpu() -> None:
+    """Both see the whole GPU free; each counts only its half, so they cannot both place 30 GiB + 16."""
+    check = {"free": 80 * GIB, "total": 80 * GIB, "used": 0, "headroom_gib": 16}
+    assert cache_fits(30 * GIB, **check) and not cache_fits(30 * GIB, **check, share=0.5)
+    assert cache_fits(20 * GIB, **check, share=0.5)  # two of these fit: 2 x (20 + 16) <= 80
+
+
+@pytest.fixture()
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """A GPU with 1 GiB free of 2 to the memory checks; the pinned copies shipped to it, recorded only."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (GIB, 2 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    shipped: list[torch.Tensor] = []
+    monkeypatch.setattr(gpu_data, "_moved", lambda tensor, device: shipped.append(tensor) or tensor)
+    return shipped
+
+
+def _failing_copies(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """Copies to a GPU raise ``error``."""
+    real = torch.Tensor.to
+
+    def to(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
+            raise error
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+
+
+@pytest.mark.parametrize("cause", ["no room", "out of memory"])
+def test_a_cache_that_does_not_fit_the_gpu_stays_in_host_memory(
+    fake_gpu: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch, cause: str
+) -> None:
+    cache = np.arange(4 * 3 * 2 * 2, dtype=np.uint8).reshape(4, 3, 2, 2)
+    _failing_copies(monkeypatch, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 48 B"))
+    told: list[Fallback] = []
+    headroom = 1.5 if cause == "no room" else 0.0
+    with pytest.warns(RuntimeWarning, match=f"{DATA_CACHE}: fallback to host memory") as caught:
+        placed = place_cache(cache, torch.device("cuda", 0), headroom_gib=headroom, on_fallback=told.append)
+    assert len(caught) == 1 and [f.feature for f in told] == [DATA_CACHE]
+    assert ("OutOfMemoryError" in told[0].reason) == (cause == "out of memory")
+    assert placed.device.type == "cpu" and np.shares_memory(placed.numpy(), cache)
+    assert len(fake_gpu) == 1, "one pinned copy tried before training"
+
+
+def test_a_failed_copy_that_is_not_memory_is_an_error(fake_gpu: list[torch.Tensor],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    _failing_copies(monkeypatch, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        place_cache(np.zeros((4, 3, 2, 2), np.uint8), torch.device("cuda", 0), headroom_gib=0.0)
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(),
+    RuntimeError("CUDA error: out of memory (cudaHostAlloc)"),
+    OSError(errno.ENOMEM, "Cannot allocate memory"),
+])
+def test_a_cache_that_cannot_be_held_falls_back_to_the_dataloader(
+    device_config: TrainConfig, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    """Unpinned (pinned copies may be what failed); its batches are the cpu path's."""
+    def failing(*args: object, **kwargs: object) -> DeviceBatches:
+        raise error
+
+    monkeypatch.setattr(DeviceBatches, "from_dataset", failing)
+    dataset, told = load_csv(device_config.train_set), []
+    for device in ("cpu", "cuda"):
+        with pytest.warns(RuntimeWarning, match=f"{DATA_CACHE}: fallback to the cpu path's DataLoader"):
+            source = open_batches(dataset, device_config, torch.device(device), on_fallback=told.append)
+        assert source.keywords["pin"] is False
+    assert [f.feature for f in told] == [DATA_CACHE, DATA_CACHE]
+    step, images, labels = next(source(2))
+    _, want_images, want_labels = PKBatches(dataset, device_config)[2]
+    assert step == 2 and torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+
+def test_a_cache_that_cannot_be_read_is_an_error(device_config: TrainConfig,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only memory or room runs out on the device path alone; a bad file would fail the cpu path too."""
+    def failing(*args: object, **kwargs: object) -> DeviceBatches:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(DeviceBatches, "from_dataset", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        open_batches(load_csv(device_config.train_set), device_config, torch.device("cpu"))
+
+
 @pytest.mark.parametrize(("data", "message"), [
     ({"data_path": "gpu"}, "data_path='gpu': must be one of auto, cpu, device"),
     ({"cache_headroom_gib": -1}, "cache_headroom_gib=-1.0: must be >= 0"),
@@ -310,7 +416,8 @@ def same_kernels() -> Iterator[None]:
 @needs_cuda
 def test_host_and_device_caches_give_the_same_batches(device_config: TrainConfig) -> None:
     on_gpu = _batches(device_config, "cuda")
-    in_host = _batches(device_config.replace(cache_headroom_gib=1e9), "cuda")
+    with pytest.warns(RuntimeWarning, match=f"{DATA_CACHE}: fallback to host memory"):
+        in_host = _batches(device_config.replace(cache_headroom_gib=1e9), "cuda")
     assert on_gpu.images.is_cuda and not in_host.images.is_cuda
     for step in (0, 7):
         a, b = on_gpu.batch(step), in_host.batch(step)
@@ -319,11 +426,12 @@ def test_host_and_device_caches_give_the_same_batches(device_config: TrainConfig
 
 
 @needs_cuda
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_graphed_step_equals_the_eager_step(tiny_config: TrainConfig, precision: str,
+@pytest.mark.parametrize(("precision", "loss"), [("fp32", "batch_hard"), ("bf16", "batch_hard"),
+                                                 ("fp32", "batch_all")])
+def test_graphed_step_equals_the_eager_step(tiny_config: TrainConfig, precision: str, loss: str,
                                             same_kernels: None) -> None:
     device = torch.device("cuda", torch.cuda.current_device())
-    cfg = tiny_config.replace(device="cuda", precision=precision)
+    cfg = tiny_config.replace(device="cuda", precision=precision, loss=loss)
     graphed, eager = build_step(cfg, device), build_step(cfg.replace(cuda_graph=False), device)
     torch.backends.cudnn.benchmark = False  # build_step turned autotuning on: its picks may differ per run
     gen = torch.Generator(device=device).manual_seed(0)
@@ -332,7 +440,7 @@ def test_graphed_step_equals_the_eager_step(tiny_config: TrainConfig, precision:
         images = torch.randn(8, 3, 64, 32, generator=gen, device=device)
         a, b = graphed(images, labels, lr), eager(images, labels, lr)
         torch.testing.assert_close(a["loss_mean"], b["loss_mean"], rtol=1e-3, atol=1e-5)
-    assert graphed.graph is not None and not hasattr(eager, "graph")
+    assert graphed.graphed and graphed.fallback is None and not eager.graphed
     for x, y in zip(graphed.model.state_dict().values(), eager.model.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=2e-3)
 
@@ -349,6 +457,15 @@ def test_graphed_run_resumes_exactly(device_config: TrainConfig, tmp_path: Path,
     a, b = weights(whole.checkpoint), weights(resumed.checkpoint)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@needs_cuda
+def test_cuda_graph_captures_while_the_dataloader_pins_batches(device_config: TrainConfig) -> None:
+    """The cpu path's pin-memory thread copies during the capture (thread-local capture errors)."""
+    cfg = device_config.replace(device="cuda", data_path="cpu", num_workers=2, train_iterations=4)
+    record = RecordFallbacks()
+    train(cfg, Path(device_config.cache_dir).parent / "run", callback=record)
+    assert record.fallbacks == []
 
 
 @needs_cuda

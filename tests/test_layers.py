@@ -17,8 +17,9 @@ import pytest
 import reid_tune
 from reid_tune import vocabulary
 
-# The layers that wrap the core: they may import Ray, Optuna and MLflow.
-WRAPPERS = {"cli", "promote", "search", "tracking"}
+# The layers that wrap the core: they may import Ray, Optuna and MLflow. `doctor` only inside the checks
+# that use them: importing it stays light (its row below), so it also runs where they are not installed.
+WRAPPERS = {"cli", "doctor", "promote", "search", "tracking"}
 CORE = sorted(
     f"reid_tune.{m.name}" for m in pkgutil.iter_modules(reid_tune.__path__) if m.name not in WRAPPERS
 )
@@ -65,6 +66,7 @@ def test_core_imports_neither_ray_nor_mlflow() -> None:
         ("reid_tune.config", {"torch", "ray", "optuna", "mlflow"}),
         ("reid_tune.search.space", {"torch", "torchvision", "ray", "optuna", "mlflow"}),
         ("reid_tune.checkpoints", {"ray", "mlflow", "rich"}),
+        ("reid_tune.doctor", {"ray", "optuna", "mlflow", "pyarrow", "pydantic", "yaml", "click", "rich"}),
     ],
 )
 def test_light_modules_import_nothing_heavy(module: str, banned: set[str]) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reid_tune.distances import cdist
-from reid_tune.losses import MINERS, TripletLoss, apply_margin, batch_all, batch_hard, triplet_stats
+from reid_tune.losses import MINERS, Mined, TripletLoss, apply_margin, batch_all, batch_hard, triplet_stats
 from reid_tune.vocabulary import parse_margin
 
 MARGINS = [0.2, "soft", "none"]
@@ -24,6 +24,11 @@ def pk_labels(p: int, k: int) -> torch.Tensor:
 
 def embeddings(n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(n, 6, generator=torch.Generator().manual_seed(0), dtype=dtype).requires_grad_()
+
+
+def triplets(mined: Mined) -> torch.Tensor:
+    """The mined triplets' losses, flattened (what the references list)."""
+    return mined.losses if mined.valid is None else mined.losses[mined.valid]
 
 
 # --- references: one pair, one triplet at a time ---------------------------------------------
@@ -80,8 +85,9 @@ def check_against_reference(
 ) -> None:
     """Losses, their mean and the gradient w.r.t. the embeddings all match the loop reference."""
     emb = embeddings(len(labels), dtype)
-    losses = MINERS[mining](cdist(emb, emb, metric), labels, margin)
-    (grad,) = torch.autograd.grad(losses.mean(), emb)
+    mined = MINERS[mining](cdist(emb, emb, metric), labels, margin)
+    (grad,) = torch.autograd.grad(mined.mean(), emb)
+    losses = triplets(mined)
     ref_emb = emb.detach().clone().requires_grad_()
     ref = REFERENCES[mining](ref_emb, labels.tolist(), margin, metric)
     (ref_grad,) = torch.autograd.grad(ref.mean(), ref_emb)
@@ -113,7 +119,7 @@ def test_miners_on_unbalanced_batch(mining: str, margin: float | str) -> None:
 
 def test_anchor_without_positive_has_zero_loss_and_gradient() -> None:
     emb = embeddings(len(UNBALANCED), torch.float64)
-    losses = batch_hard(cdist(emb, emb), torch.tensor(UNBALANCED), "none")
+    losses = batch_hard(cdist(emb, emb), torch.tensor(UNBALANCED), "none").losses
     assert losses[5] == 0
     assert torch.isfinite(torch.autograd.grad(losses.sum(), emb)[0]).all()
 
@@ -121,13 +127,13 @@ def test_anchor_without_positive_has_zero_loss_and_gradient() -> None:
 def test_batch_hard_with_zero_distances() -> None:
     """Duplicate embeddings (distance exactly 0 in cityblock) still pick the right pairs."""
     emb = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [3.0, 0.0]], requires_grad=True)
-    losses = batch_hard(cdist(emb, emb, "cityblock"), torch.tensor([0, 0, 1, 1]), "none")
+    losses = batch_hard(cdist(emb, emb, "cityblock"), torch.tensor([0, 0, 1, 1]), "none").losses
     torch.testing.assert_close(losses.detach(), torch.tensor([-1.0, -1.0, 1.0, -1.0]))
 
 
 def test_batch_all_lists_triplets_in_anchor_positive_negative_order() -> None:
     dists = torch.arange(16.0).reshape(4, 4)
-    losses = batch_all(dists, torch.tensor([0, 0, 1, 1]), "none")
+    losses = triplets(batch_all(dists, torch.tensor([0, 0, 1, 1]), "none"))
     expected = [dists[a, p] - dists[a, n] for a, p, n in [(0, 1, 2), (0, 1, 3), (1, 0, 2), (1, 0, 3)]]
     expected += [dists[a, p] - dists[a, n] for a, p, n in [(2, 3, 0), (2, 3, 1), (3, 2, 0), (3, 2, 1)]]
     torch.testing.assert_close(losses, torch.stack(expected))
@@ -184,10 +190,12 @@ def ref_stats(dists: np.ndarray, labels: list[int], losses: np.ndarray, emb: np.
     stats = {"active_fraction": np.mean([loss > 1e-5 for loss in losses])}
     stats["top1"] = np.mean([row[0] for row in nearest_same])
     stats["prec_at_k"] = np.mean(nearest_same)
-    stats["hardest_pos_mean"] = np.mean([max(dists[a, p] for p in positives(labels, a)) for a in range(batch)])
-    stats["hardest_neg_mean"] = np.mean([min(dists[a, n] for n in negatives(labels, a)) for a in range(batch)])
+    hardest_pos = [max(dists[a, p] for p in positives(labels, a)) for a in range(batch)]
+    hardest_neg = [min(dists[a, n] for n in negatives(labels, a)) for a in range(batch)]
+    stats["hardest_pos_mean"], stats["hardest_neg_mean"] = np.mean(hardest_pos), np.mean(hardest_neg)
     for name, values in [("loss", losses), ("pos_dist", pos), ("neg_dist", neg), ("emb_norm", norms)]:
-        stats.update({f"{name}_mean": np.mean(values), f"{name}_min": min(values), f"{name}_max": max(values)})
+        stats.update({f"{name}_mean": np.mean(values), f"{name}_min": min(values)})
+        stats[f"{name}_max"] = max(values)
     return stats
 
 
@@ -196,9 +204,9 @@ def ref_stats(dists: np.ndarray, labels: list[int], losses: np.ndarray, emb: np.
 def test_triplet_stats_match_reference(labels: list[int], k: int, mining: str) -> None:
     emb = clustered(torch.tensor(labels)).requires_grad_()
     dists = cdist(emb, emb)
-    losses = MINERS[mining](dists, torch.tensor(labels), 0.2)
-    stats = triplet_stats(dists, torch.tensor(labels), losses, emb, k=k)
-    ref = ref_stats(dists.detach().numpy(), labels, losses.detach().numpy(), emb.detach().numpy(), k)
+    mined = MINERS[mining](dists, torch.tensor(labels), 0.2)
+    stats = triplet_stats(dists, torch.tensor(labels), mined, emb, k=k)
+    ref = ref_stats(dists.detach().numpy(), labels, triplets(mined).detach().numpy(), emb.detach().numpy(), k)
     assert set(stats) == set(ref)
     for name, value in stats.items():
         assert value.dim() == 0 and not value.requires_grad, name
@@ -228,17 +236,28 @@ def test_triplet_stats_rejects_k(k: int) -> None:
 # --- TripletLoss -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("mining", "margin", "metric"), itertools.product(MINERS, MARGINS, METRICS))
+@pytest.mark.parametrize(("mining", "margin", "metric"), list(itertools.product(MINERS, MARGINS, METRICS)))
 def test_triplet_loss_is_the_composition(mining: str, margin: float | str, metric: str) -> None:
     emb, labels = embeddings(12, torch.float32), pk_labels(4, 3)
     loss, stats = TripletLoss(margin=margin, metric=metric, mining=mining, precision_k=2)(emb, labels)
     dists = cdist(emb, emb, metric)
-    losses = MINERS[mining](dists, labels, margin)
-    torch.testing.assert_close(loss, losses.mean())
-    expected = triplet_stats(dists, labels, losses, emb, k=2)
+    mined = MINERS[mining](dists, labels, margin)
+    torch.testing.assert_close(loss, triplets(mined).mean())
+    expected = triplet_stats(dists, labels, mined, emb, k=2)
     assert set(stats) == set(expected)
     for name in stats:
         torch.testing.assert_close(stats[name], expected[name])
+
+
+@pytest.mark.parametrize("mining", list(MINERS))
+def test_triplet_loss_traces_as_one_graph(mining: str) -> None:
+    """No boolean indexing, no host sync: loss and statistics trace whole (as CUDA-graph capture needs)."""
+    emb, labels = embeddings(12, torch.float32), pk_labels(4, 3)
+    traced = torch.compile(TripletLoss(mining=mining, precision_k=2), fullgraph=True, backend="eager")
+    loss, stats = traced(emb, labels)
+    want, expected = TripletLoss(mining=mining, precision_k=2)(emb, labels)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(stats, expected)
 
 
 def test_triplet_loss_without_precision_k_returns_no_stats() -> None:
@@ -276,5 +295,6 @@ def test_triplet_loss_validation(kwargs: dict, message: str) -> None:
 
 
 def test_triplet_loss_rejects_mismatched_labels() -> None:
-    with pytest.raises(ValueError, match=r"embeddings \(8, 6\) and labels \(7,\): must be \(B, D\) and \(B,\)"):
+    message = r"embeddings \(8, 6\) and labels \(7,\): must be \(B, D\) and \(B,\)"
+    with pytest.raises(ValueError, match=message):
         TripletLoss()(embeddings(8, torch.float32), torch.arange(7))

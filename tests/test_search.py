@@ -8,12 +8,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from csv import DictReader
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import mlflow
@@ -35,8 +37,10 @@ from reid_tune.cli import main
 from reid_tune.datasets import load_csv
 from reid_tune.errors import ReidTuneError
 from reid_tune.promote import promote
+from reid_tune.search.callbacks import PendingWatch
 from reid_tune.search.keys import ROLE_TAG, TRIAL_TAG
 from reid_tune.search.schema import PAPER_POINT
+from reid_tune.search.space import load_spec
 from reid_tune.search.summary import SearchSummary
 from reid_tune.search.tuner import run_search, start_local_ray
 from reid_tune.synthetic import generate_demo
@@ -391,13 +395,17 @@ def test_resume_without_a_search_is_an_error(data: Path, tmp_path: Path) -> None
 
 
 def test_crashing_trials_are_retried_then_failed(data: Path, tmp_path: Path) -> None:
+    """Training images that cannot be decoded crash every try of a trial (the driver reads only the lists)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    for image in (broken / "bounding_box_train").glob("*.jpg"):
+        image.write_bytes(b"not a JPEG")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(
         tmp_path,
-        data,
+        broken,
         "crash",
         tracking_uri=uri,
-        train={"pretrained": str(tmp_path / "none.pth")},
         search={"num_samples": 1, "max_failures": 1, "scheduler": {"type": "none"}},
     )
     summary = run_search(space)
@@ -419,3 +427,30 @@ def test_tracking_server_down_is_reported_before_trials(data: Path, tmp_path: Pa
     with pytest.raises(ReidTuneError, match=f"tracking URI {down}: the MLflow server does not answer"):
         run_search(space)
     assert not (tmp_path / "ray_results" / "down").exists()
+
+
+# ---------------------------------------------------------------- trials waiting for resources
+
+
+def test_trials_waiting_for_workers_no_node_can_hold_are_warned_of_once(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a cluster (here: the module's 3-CPU instance, no GPU) a trial that has waited without a result while
+    no node can hold one of its workers is one warning naming what the cluster has; none otherwise."""
+    cpu, gpu = (
+        load_spec(write_space(tmp_path, data, name, tracking_uri=None, resources={"gpus_per_worker": gpus}))
+        for name, gpus in (("cpu", 0), ("gpu", 1))
+    )
+    waiting = SimpleNamespace(trial_id="t1", status="RUNNING")
+    PendingWatch(cpu, after_s=0).on_step_end(0, [waiting])  # one CPU: the node has it
+    reported = PendingWatch(gpu, after_s=0)
+    reported.on_trial_result(0, [waiting], waiting, {})
+    reported.on_step_end(0, [waiting])  # it trains: it is not waiting
+    assert capsys.readouterr().err == ""
+    watch = PendingWatch(gpu, after_s=0)
+    for _ in range(3):
+        watch.on_step_end(0, [waiting])
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("warning: trials have waited 0 s for Ray Train workers of 1 CPU, 1 GPU each")
+    assert "its nodes: 1 x (3 CPU, 0 GPU); autoscaler node types: none published" in lines[0], lines

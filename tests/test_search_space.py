@@ -5,16 +5,26 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from helpers import search_document, write_yaml
+import torch
+from helpers import free_port, search_document, write_yaml
 
 from reid_tune.cli import main
 from reid_tune.datasets import camera_ids, load_csv
 from reid_tune.errors import ConfigError, SpaceError
-from reid_tune.search.checks import check_points, check_space, check_train
-from reid_tune.search.schema import PAPER_POINT, parse_param
+from reid_tune.models import create_model
+from reid_tune.search.checks import (
+    SpecFile,
+    check_gpus,
+    check_points,
+    check_pretrained,
+    check_space,
+    check_train,
+)
+from reid_tune.search.schema import PAPER_POINT, SearchSpec, parse_param
 from reid_tune.search.space import load_spec, parse_spec, read_yaml, train_config
 from reid_tune.synthetic import generate_demo
 from reid_tune.validation import hold_out, load_split, write_split
@@ -150,6 +160,27 @@ def test_valid_file_loads_with_absolute_paths(
             "start point gives no margin, lr, decay_start: it needs every searched value",
         ),
         (lambda d: d["search"].update(max_images=0), "max_images", "greater than or equal to 1"),
+        (
+            lambda d: d.update(resources={"workers": 2, "gpus_per_worker": 0.5}),
+            "gpus_per_worker",
+            "0.5: expected a whole number of GPUs (0, 1, 2, ...) with resources.workers=2",
+        ),
+        (
+            lambda d: d.update(resources={"workers": 2}),
+            "batch_p:",
+            "int [2, 6]: with resources.workers=2 each worker takes batch_p / 2 identities, but an int range "
+            "gives every integer; use {choice: [2, 4, 6]}",
+        ),
+        (
+            lambda d: (d.update(resources={"workers": 2}), d["space"].update(batch_p={"choice": [4, 5]})),
+            "batch_p:",
+            "space.batch_p: 5: expected a multiple of 2",
+        ),
+        (
+            lambda d: (d.update(resources={"workers": 3}), d["space"].update(batch_p=4)),
+            "batch_p:",
+            "space.batch_p: 4: expected a multiple of 3",
+        ),
     ],
 )
 def test_each_mistake_is_one_located_error(
@@ -164,6 +195,108 @@ def test_each_mistake_is_one_located_error(
     assert "\n" not in text
     assert message in text
     assert text.startswith(f"{path}:{_line_of(path, anchor)}:"), text
+
+
+def test_several_workers_take_whole_gpus_and_a_choice_of_even_batches(data: Path, tmp_path: Path) -> None:
+    document = _document(data)
+    document["resources"] = {"workers": 2, "gpus_per_worker": 1}
+    document["space"]["batch_p"] = {"choice": [2, 4, 6]}
+    spec = load_spec(_write(tmp_path, document))
+    assert spec.resources.workers == 2 and spec.params["batch_p"].values == (2, 4, 6)
+
+
+@pytest.mark.parametrize(
+    ("workers", "gpus_per_worker", "gpus", "message"),
+    [
+        (
+            1,
+            0.5,
+            0,
+            "0.5: this machine has no GPU and no Ray cluster is given; set gpus_per_worker: 0 to train on "
+            "the CPU, or resources.address to join a Ray cluster that has GPUs",
+        ),
+        (1, 2, 1, "2: this machine has only 1 GPU(s) and no Ray cluster is given; set gpus_per_worker x"),
+        (2, 1, 1, "1 x 2 workers = 2 GPUs a trial: this machine has only 1 GPU(s)"),
+        (1, 0.5, 1, None),
+        (2, 1, 2, None),
+        (1, 0, 0, None),
+    ],
+)
+def test_a_local_search_asks_for_no_more_gpus_than_the_machine_has(
+    data: Path, tmp_path: Path, workers: int, gpus_per_worker: float, gpus: int, message: str | None
+) -> None:
+    document = _document(data)
+    document["resources"] = {"workers": workers, "gpus_per_worker": gpus_per_worker}
+    document["space"]["batch_p"] = {"choice": [2, 4, 6]}
+    path = _write(tmp_path, document)
+    if message is None:
+        check_gpus(*_checked(path), gpus)
+        return
+    with pytest.raises(SpaceError) as caught:
+        check_gpus(*_checked(path), gpus)
+    line = _line_of(path, "gpus_per_worker")
+    assert str(caught.value).startswith(f"{path}:{line}: resources.gpus_per_worker: {message}"), caught.value
+
+
+@pytest.fixture
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No reachable internet (every HTTPS request goes to a closed local port) and an empty torch.hub
+    cache; returns the cache's checkpoints folder."""
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def test_pretrained_weights_that_cannot_be_had_are_one_error(
+    data: Path, tmp_path: Path, offline: Path
+) -> None:
+    document = _document(data)
+    document["train"].update(network="resnet18", pretrained="imagenet")
+    path = _write(tmp_path, document)
+    started = time.monotonic()
+    with pytest.raises(SpaceError) as caught:
+        check_pretrained(*_checked(path))
+    assert time.monotonic() - started < 30
+    url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+    assert str(caught.value) == (
+        f"{path}:{_line_of(path, 'pretrained')}: train.pretrained: 'imagenet': could not download {url} "
+        f"(URLError); fetch it elsewhere and pass its local path, or put it at {offline / Path(url).name}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("file_name", "networks", "error"),
+    [
+        ("lunet.pth", ["lunet_small"], None),
+        ("none.pth", ["lunet_small"], "no such file; lunet_small has no published weights"),
+        ("lunet.pth", ["lunet_small", "resnet18"], "does not fit resnet18"),
+    ],
+)
+def test_pretrained_file_is_loaded_into_every_network_of_the_space(
+    data: Path, tmp_path: Path, file_name: str, networks: list[str], error: str | None
+) -> None:
+    torch.save(create_model("lunet_small").trunk.state_dict(), tmp_path / "lunet.pth")
+    document = _document(data)
+    document["train"]["pretrained"] = str(tmp_path / file_name)
+    document["train"].pop("network")
+    document["space"]["network"] = {"choice": networks}
+    path = _write(tmp_path, document)
+    if error is None:
+        check_pretrained(*_checked(path))
+        return
+    with pytest.raises(SpaceError) as caught:
+        check_pretrained(*_checked(path))
+    where = f"{path}:{_line_of(path, 'pretrained')}: train.pretrained: '{tmp_path / file_name}': {error}"
+    assert str(caught.value).startswith(where), caught.value
+
+
+def _checked(path: Path) -> tuple[SearchSpec, SpecFile]:
+    """The file parsed, and its line map: for one check at a time."""
+    raw, file = read_yaml(path)
+    return parse_spec(raw, file), file
 
 
 def test_baseline_points_are_the_papers_and_the_marked_ones(data: Path, tmp_path: Path) -> None:

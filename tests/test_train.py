@@ -60,3 +60,29 @@ def test_too_few_identities_for_p(tiny_config: TrainConfig, tmp_path: Path) -> N
     with pytest.raises(ReidTuneError, match="batch_p=500"):
         train(tiny_config.replace(batch_p=500), tmp_path)
     assert not list_checkpoints(tmp_path)
+
+
+@pytest.mark.parametrize(("gpus", "device", "want", "share"), [
+    (0, "auto", "cpu", 1.0),  # Ray leaves CUDA_VISIBLE_DEVICES unset: auto would take a GPU it never reserved
+    (0, "mps", "mps", 1.0),  # Ray does not count Apple's GPU
+    (0.5, "auto", "auto", 0.5),  # two trials share a GPU, each its half
+    (2, "auto", "auto", 1.0),
+])
+def test_a_trial_trains_on_what_ray_reserved_for_it(
+    demo_data: Path, tmp_path: Path, gpus: float, device: str, want: str, share: float
+) -> None:
+    pytest.importorskip("ray")
+    from helpers import write_space
+
+    from reid_tune.search.space import load_spec
+    from reid_tune.search.trainable import gpu_share, trial_config
+
+    sampled = {"batch_p": 4, "batch_k": 2, "margin": "soft", "lr": 3e-4, "decay_start": 0.5}
+    sections = {  # the generated set has few identities: small P, and a start point that fits
+        "train": {"device": device},
+        "space": {"batch_p": {"int": [2, 6]}, "decay_factor": 0.001},
+        "search": {"start_points": [sampled]},
+    }
+    spec = load_spec(write_space(tmp_path, demo_data, "t", tracking_uri=None, **sections))
+    spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus_per_worker": gpus})})
+    assert trial_config(spec, sampled).device == want and gpu_share(spec) == share

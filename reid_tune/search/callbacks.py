@@ -1,4 +1,5 @@
-"""Tune callbacks on the search driver: MLflow logging of every trial, and the live trial table.
+"""Tune callbacks on the search driver: MLflow logging of every trial, the live trial table, and a
+warning when trials wait for resources the Ray cluster does not have.
 
 Both run in the one driver process, which sees every trial's results and its kept checkpoints;
 the trials themselves know nothing of MLflow.
@@ -7,13 +8,17 @@ the trials themselves know nothing of MLflow.
 from __future__ import annotations
 
 import json
+import math
+import sys
 import tempfile
 import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.experiment import Trial
 from rich.console import Console
@@ -27,6 +32,7 @@ from reid_tune.search.keys import (
     ANALYSIS_ARTIFACTS,
     BASELINE_TAG,
     DATASET_TAG,
+    FALLBACKS_KEY,
     METRIC,
     OUTCOME_TAG,
     PAPER_TAG,
@@ -90,7 +96,7 @@ class MlflowLogger(_ParentRunCallback):
         super().__init__(tracking_uri, experiment, parent_run_id, spec)
         self.paths = paths
 
-    def _open(self, trial: Trial, trials: list[Trial]) -> None:
+    def _open(self, trial: Trial, trials: list[Trial]) -> str:
         cfg = trial_config(self.spec, trial.config)
         params = {**cfg.to_dict(), "decay_start": trial.config.get("decay_start"), "trial_id": trial.trial_id}
         tags = {
@@ -98,7 +104,7 @@ class MlflowLogger(_ParentRunCallback):
             PAPER_TAG: str(matches_point(trial.config, self.spec.paper_point())).lower(),
             BASELINE_TAG: str(is_baseline(trial.config, self.spec)).lower(),
         }
-        self.tracker.trial_run(trial.trial_id, name=run_name(trial, trials), params=params, tags=tags)
+        return self.tracker.trial_run(trial.trial_id, name=run_name(trial, trials), params=params, tags=tags)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._open(trial, trials)
@@ -106,7 +112,9 @@ class MlflowLogger(_ParentRunCallback):
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
     ) -> None:
-        self._open(trial, trials)
+        run_id = self._open(trial, trials)
+        for tag, value in json.loads(result.get(FALLBACKS_KEY) or "{}").items():  # e.g. a failed CUDA graph
+            self.tracker.client.set_tag(run_id, tag, value)
         if result.get(SYSTEM_KEY):
             self.tracker.log_system(trial.trial_id, json.loads(result[SYSTEM_KEY]))
         if METRIC not in result:
@@ -311,6 +319,79 @@ class TrialTable(tune.Callback):
                 percent(best_mAP(trial)),
             )
         return table
+
+
+class PendingWatch(tune.Callback):
+    """Warns once when a trial has run ``after_s`` seconds without a result while no node of the Ray
+    cluster, nor any node type its autoscaler may add, can hold one of its Train workers: such a trial
+    waits for ever, silently (a search without a cluster fails at start instead: checks.check_gpus).
+
+    The Tune trial itself holds almost nothing, so it runs; its TorchTrainer is what waits."""
+
+    def __init__(self, spec: SearchSpec, *, after_s: float = 60.0) -> None:
+        self.worker = {"CPU": spec.resources.cpus_per_worker, "GPU": spec.resources.gpus_per_worker}
+        self.after_s = after_s
+        self._reported: set[str] = set()
+        self._since: dict[str, float] = {}  # trial id -> when it was first seen running without a result
+        self._looked, self._warned = -math.inf, False
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ) -> None:
+        self._reported.add(trial.trial_id)
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        now = time.monotonic()
+        waiting = [t for t in trials if t.status == Trial.RUNNING and t.trial_id not in self._reported]
+        waited = max((now - self._since.setdefault(t.trial_id, now) for t in waiting), default=-math.inf)
+        if self._warned or waited < self.after_s or now - self._looked < self.after_s:
+            return
+        self._looked = now
+        offer = ClusterOffer.now()
+        if not offer.holds(self.worker):
+            self._warned = True
+            print(f"warning: {offer.refusal(self.worker, waited)}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class ClusterOffer:
+    """What a Ray cluster has for one worker: the resources of its nodes and of its autoscaler's node
+    types (where Ray publishes them: autoscaler v2), by name."""
+
+    nodes: list[dict[str, float]]
+    node_types: dict[str, dict[str, float]]
+
+    @classmethod
+    def now(cls) -> ClusterOffer:
+        """The cluster this process is connected to, now."""
+        config = ray._private.state.state.get_cluster_config()
+        groups = config.node_group_configs if config is not None else []
+        return cls(
+            [node["Resources"] for node in ray.nodes() if node["Alive"]],
+            {group.name: dict(group.resources) for group in groups},
+        )
+
+    def holds(self, bundle: dict[str, float]) -> bool:
+        """Whether some node, or some node type, has every resource of ``bundle``."""
+        offers = [*self.nodes, *self.node_types.values()]
+        return any(all(offer.get(key, 0) >= amount for key, amount in bundle.items()) for offer in offers)
+
+    def refusal(self, bundle: dict[str, float], waited: float) -> str:
+        """Why trials wait: what one worker asks for, and what the nodes and node types have."""
+        nodes = Counter(_amounts(node, bundle) for node in self.nodes)
+        types = ", ".join(f"{name} ({_amounts(offer, bundle)})" for name, offer in self.node_types.items())
+        return (
+            f"trials have waited {waited:.0f} s for Ray Train workers of {_amounts(bundle, bundle)} each "
+            f"(resources.cpus_per_worker, resources.gpus_per_worker), which no node of the cluster has: "
+            f"its nodes: {', '.join(f'{n} x ({amounts})' for amounts, n in nodes.items()) or 'none'}; "
+            f"autoscaler node types: {types or 'none published'}; lower them in the search file or add "
+            f"nodes that have them (ignore this while nodes are still starting)"
+        )
+
+
+def _amounts(resources: dict[str, float], bundle: dict[str, float]) -> str:
+    """The amounts of ``bundle``'s resources in ``resources``, e.g. ``6 CPU, 0.5 GPU``."""
+    return ", ".join(f"{resources.get(key, 0):g} {key}" for key in bundle)
 
 
 def best_mAP(trial: Trial) -> float | None:

@@ -1,8 +1,9 @@
 """The checks of a search-space file that its schema cannot make alone: across sections, against
-TrainConfig, the file system, the registered networks and the data. Each failure is one located
-:class:`SpaceError`.
+TrainConfig, the file system, the registered networks and the data, and (when a search starts) against
+the machine: its GPUs and the pretrained weights. Each failure is one located :class:`SpaceError`.
 
-Only :func:`check_names` imports torch (through ``reid_tune.models``), so it runs after the others.
+Only :func:`check_names` and :func:`check_pretrained` import torch (through ``reid_tune.models``), so
+they run after the others.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from reid_tune.config import config_from_dict
+from reid_tune.config import TrainConfig, config_from_dict
 from reid_tune.errors import ReidTuneError, SpaceError
 from reid_tune.search.schema import BASELINE_KEY, STR_PARAMS, Param, SearchSpec
 from reid_tune.search.storage import STORAGE_SCHEMES, is_uri
@@ -94,6 +95,34 @@ def check_space(spec: SearchSpec, file: SpecFile) -> None:
     for name in spec.space:
         if name in spec.train.options():
             file.error(("space", name), "also fixed under train:; give it in one place")
+
+
+def check_workers(spec: SearchSpec, file: SpecFile) -> None:
+    """Several workers per trial hold whole GPUs (Ray's PACK placement would put two ranks of a trial on one
+    GPU, which NCCL refuses) and split every ``batch_p`` the space can give evenly (each worker takes
+    ``batch_p / workers`` identities of a batch)."""
+    workers, gpus = spec.resources.workers, spec.resources.gpus_per_worker
+    if workers == 1:
+        return
+    if not float(gpus).is_integer():
+        file.error(
+            ("resources", "gpus_per_worker"),
+            f"{gpus}: expected a whole number of GPUs (0, 1, 2, ...) with resources.workers={workers}: Ray "
+            f"could place two workers of a trial on one GPU, which NCCL refuses",
+        )
+    batch_p = spec.params["batch_p"]
+    split = f"with resources.workers={workers} each worker takes batch_p / {workers} identities"
+    if batch_p.kind == "int":
+        low, high = batch_p.values
+        multiples = list(range(-(-low // workers) * workers, high + 1, workers))
+        instead = f"{{choice: {multiples}}}" if multiples else f"a choice of multiples of {workers}"
+        file.error(
+            ("space", "batch_p"),
+            f"{batch_p.describe()}: {split}, but an int range gives every integer; use {instead}",
+        )
+    for value in batch_p.values:
+        if value % workers:
+            file.error(("space", "batch_p"), f"{value}: expected a multiple of {workers} ({split})")
 
 
 def check_storage(spec: SearchSpec, file: SpecFile) -> None:
@@ -192,3 +221,39 @@ def check_batch(spec: SearchSpec, file: SpecFile, train_ids: int) -> None:
             f"batch_p up to {p_max}: the training split has only {train_ids} identities "
             f"(after holding out the validation identities)",
         )
+
+
+def check_gpus(spec: SearchSpec, file: SpecFile, gpus: int) -> None:
+    """A trial of a search on this machine alone (no Ray cluster) asks for at most its ``gpus``: Ray would
+    keep a trial that asks for more waiting for ever."""
+    workers, per_worker = spec.resources.workers, spec.resources.gpus_per_worker
+    if workers * per_worker <= gpus:
+        return
+    per_trial = f" x {workers} workers = {workers * per_worker:g} GPUs a trial" if workers > 1 else ""
+    has, fix = (
+        ("no GPU", "gpus_per_worker: 0 to train on the CPU")
+        if gpus == 0
+        else (f"only {gpus} GPU(s)", f"gpus_per_worker x workers <= {gpus}")
+    )
+    file.error(
+        ("resources", "gpus_per_worker"),
+        f"{per_worker:g}{per_trial}: this machine has {has} and no Ray cluster is given; set {fix}, "
+        f"or resources.address to join a Ray cluster that has GPUs",
+    )
+
+
+def check_pretrained(spec: SearchSpec, file: SpecFile) -> None:
+    """``train.pretrained`` loads into every network the space can give (downloaded into torch.hub's cache
+    when need be), so that weights that cannot be had are one error before the first trial, not a
+    failure of every trial and its retries."""
+    pretrained = spec.train.options().get("pretrained")
+    if pretrained is None:
+        return
+    from reid_tune.models import check_pretrained as load
+
+    networks = [name for loc, name in _names(spec) if loc[-1] == "network"] or [TrainConfig.network]
+    for network in networks:
+        try:
+            load(network, pretrained)
+        except ReidTuneError as err:
+            file.error(("train", "pretrained"), str(err).removeprefix("pretrained="))

@@ -15,6 +15,7 @@ TRAIN_LOG_KEY = "train_log"  # per-iteration statistics since the previous repor
 NODE_KEY = "node_id"  # the Ray node whose rank-0 worker made the report: where the trial trained
 IMAGES_KEY = "train_images"  # training images of the trial so far (iterations x P x K): its compute
 SYSTEM_KEY = "system_samples"  # rank 0's system samples since the previous report, as JSON text
+FALLBACKS_KEY = "gpu_fallbacks"  # the GPU features the trial went without, as JSON text {tag: value}
 SAMPLE_TIME = "time"  # in each system sample: when it was taken (seconds since the epoch)
 VALIDATION_KEYS = {
     "mAP": METRIC,
@@ -58,6 +59,12 @@ OUTCOME_TAG = "reid_tune.outcome"  # full_budget, stopped_early or failed
 STOPPED_AT_TAG = "reid_tune.stopped_at"  # the iteration a trial stopped early (or failed) at
 BEST_STEP_TAG = "reid_tune.best_step"  # on a trial run: the iteration of its best validation
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # on a logged model: the registered versions made from it
+
+
+def fallback_tag(feature: str) -> str:
+    """A trial run's tag for a GPU feature it went without (``reid_tune.devices.Fallback.feature``), e.g.
+    ``reid_tune.cuda_graph`` = ``fallback to eager (RuntimeError: ...)``."""
+    return f"reid_tune.{feature}"
 
 
 def trial_fact_tag(label: str, fact: str) -> str:

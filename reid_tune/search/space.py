@@ -2,7 +2,8 @@
 from it: the validation split and each trial's TrainConfig.
 
 Every mistake (YAML syntax, unknown key, wrong type, empty range, missing file, P*K above the batch
-limit, more identities per batch than the training split has, a starting point outside the space) is
+limit, more identities per batch than the training split has, a starting point outside the space, a
+``batch_p`` or fractional GPU that several workers per trial cannot share) is
 one :class:`SpaceError` naming ``file:line``, the key, its value and what was expected. Syntax, schema
 and value errors come before anything imports torch, so a bad file answers at once. Relative paths are
 taken from the current working directory, as on the command line.
@@ -29,6 +30,7 @@ from reid_tune.search.checks import (
     check_space,
     check_storage,
     check_train,
+    check_workers,
 )
 from reid_tune.search.schema import INT_PARAMS, PARAM_ERROR, STR_PARAMS, SearchSpec
 from reid_tune.search.storage import absolute
@@ -105,7 +107,7 @@ def load_spec(path: str | Path, *, prepare_data: bool = True) -> SearchSpec:
     """Read and fully validate a search-space file; with ``prepare_data`` generate the demo data first."""
     data, file = read_yaml(Path(path))
     spec = parse_spec(data, file)
-    for check in (check_train, check_space, check_points, check_storage):
+    for check in (check_train, check_space, check_workers, check_points, check_storage):
         check(spec, file)
     if prepare_data and spec.data.generate_demo and not Path(spec.data.image_root).exists():
         from reid_tune.synthetic import generate_demo

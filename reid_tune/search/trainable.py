@@ -26,10 +26,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from reid_tune.checkpoints import CONFIG_FILE, checkpoint_path
 from reid_tune.config import TrainConfig, config_from_dict
 from reid_tune.datasets import write_csv
-from reid_tune.devices import resolve_device
+from reid_tune.devices import Fallback, resolve_device
 from reid_tune.models import ReidModel
 from reid_tune.search import storage
 from reid_tune.search.keys import (
+    FALLBACKS_KEY,
     IMAGES_KEY,
     METRIC,
     NODE_KEY,
@@ -40,6 +41,7 @@ from reid_tune.search.keys import (
     TRAIN_LOG_KEY,
     VALIDATION_FILE,
     VALIDATION_KEYS,
+    fallback_tag,
 )
 from reid_tune.search.schema import SearchSpec
 from reid_tune.search.space import train_config
@@ -73,8 +75,17 @@ class SearchPaths:
 
 def trial_config(spec: SearchSpec, sampled: dict[str, Any]) -> TrainConfig:
     """The full TrainConfig of a trial with these sampled values; its ``train_set`` names the parent
-    run's artifact of the split (each Train worker trains on its own copy of the same rows)."""
-    return train_config(spec, sampled, Path(SPLIT_ARTIFACT) / SPLIT_FILES["train"])
+    run's artifact of the split (each Train worker trains on its own copy of the same rows).
+
+    Workers without a GPU train on the CPU: ``device: auto`` would take a GPU Ray never reserved.
+    """
+    cfg = train_config(spec, sampled, Path(SPLIT_ARTIFACT) / SPLIT_FILES["train"])
+    return cfg.replace(device="cpu") if spec.resources.gpus_per_worker == 0 and cfg.device == "auto" else cfg
+
+
+def gpu_share(spec: SearchSpec) -> float:
+    """The part of a GPU each Train worker holds (a fractional ``gpus_per_worker`` shares one)."""
+    return min(spec.resources.gpus_per_worker, 1.0) or 1.0
 
 
 # ---------------------------------------------------------------- Train workers
@@ -86,9 +97,13 @@ class _Reporter(TrainCallback):
     def __init__(self, cfg: TrainConfig, split: ValidationSplit, sampler: SystemSampler | None) -> None:
         self.cfg, self.split, self.sampler = cfg, split, sampler
         self.records: list[dict[str, float]] = []
+        self.fallbacks: dict[str, str] = {}  # MLflow tag -> value, since the last report
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         self.records.append({TIME_ATTR: step, **metrics})
+
+    def on_fallback(self, fallback: Fallback) -> None:
+        self.fallbacks[fallback_tag(fallback.feature)] = str(fallback)
 
     def on_checkpoint(self, step: int, path: Path, model: ReidModel) -> None:
         metrics: dict[str, Any] = {
@@ -98,8 +113,9 @@ class _Reporter(TrainCallback):
             NODE_KEY: ray.get_runtime_context().get_node_id(),
             IMAGES_KEY: step * self.cfg.batch_size,
             SYSTEM_KEY: json.dumps(self.sampler.drain() if self.sampler else []),
+            **({FALLBACKS_KEY: json.dumps(self.fallbacks)} if self.fallbacks else {}),
         }
-        self.records = []
+        self.records, self.fallbacks = [], {}
         if ray.train.get_context().get_world_rank() != 0:
             ray.train.report(metrics)
             return
@@ -142,6 +158,7 @@ def train_worker(config: dict[str, Any]) -> None:
             run_dir,
             resume=restored is not None,
             callback=_Reporter(cfg, split, sampler),
+            gpu_share=config["gpu_share"],
         )
     finally:
         if sampler is not None:
@@ -162,6 +179,7 @@ def run_trial(config: dict[str, Any], *, spec: SearchSpec, split: ValidationSpli
         train_loop_config={
             "train_config": trial_config(spec, config).to_dict(),
             "split": split,
+            "gpu_share": gpu_share(spec),
             "system_metrics_every_s": spec.mlflow.system_metrics_every_s
             if spec.mlflow.system_metrics
             else None,

@@ -1,6 +1,7 @@
 """The search: an Optuna-guided Ray Tune run of :func:`run_trial`, with ASHA, tracked in MLflow.
 
-``run_search`` validates the file, checks the tracking store, draws the validation split, connects to
+``run_search`` validates the file, checks that this machine can run its trials (the GPUs of a local
+search, the pretrained weights), checks the tracking store, draws the validation split, connects to
 Ray, builds the Tuner (:func:`build_tuner`: the searcher and scheduler of :mod:`algorithms`, the
 MLflow callbacks) or restores it (``resume``), and summarises the best trial against the paper's
 settings on the same validation split (:mod:`summary`).
@@ -20,13 +21,15 @@ from typing import Any
 
 import optuna
 import ray
+import torch
 from ray import tune
 from ray.tune import ExperimentAnalysis
 
 from reid_tune.errors import ReidTuneError
 from reid_tune.search import storage
 from reid_tune.search.algorithms import ImageBudget, PruningOptunaSearch, build_scheduler, build_searcher
-from reid_tune.search.callbacks import MlflowLogger, SearchReport, TrialTable
+from reid_tune.search.callbacks import MlflowLogger, PendingWatch, SearchReport, TrialTable
+from reid_tune.search.checks import check_gpus, check_pretrained
 from reid_tune.search.keys import (
     BEST_TAG,
     DATASET_TAG,
@@ -39,7 +42,7 @@ from reid_tune.search.keys import (
     TRIAL_TAG,
 )
 from reid_tune.search.schema import SearchSpec
-from reid_tune.search.space import load_spec, validation_split
+from reid_tune.search.space import load_spec, read_yaml, validation_split
 from reid_tune.search.summary import SearchSummary, describe_search, summarize, summary_note, summary_tags
 from reid_tune.search.trainable import SearchPaths, run_trial
 from reid_tune.tracking.runs import SearchTracker
@@ -107,12 +110,17 @@ def build_tuner(
     )
 
 
+def cluster_address(spec: SearchSpec) -> str | None:
+    """The Ray cluster the search joins: ``resources.address``, else ``RAY_ADDRESS``; None: this machine."""
+    return spec.resources.address or os.environ.get("RAY_ADDRESS")
+
+
 def connect_ray(spec: SearchSpec) -> None:
     """Join the Ray cluster of ``resources.address`` or ``RAY_ADDRESS``, else start a local one sized
     for the trials (reuses a session already started in this process)."""
     if ray.is_initialized():
         return
-    address = spec.resources.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(spec)
     if address:
         ray.init(address=address, log_to_driver=False)
         return
@@ -122,8 +130,9 @@ def connect_ray(spec: SearchSpec) -> None:
 
 def start_local_ray(num_cpus: int) -> None:
     """A local Ray instance with its dashboard, which serves the state API that Ray Train needs to
-    release finished worker groups. Its address goes into the environment the Ray processes inherit,
-    so another Ray instance on the same machine cannot confuse the state API's auto-detection."""
+    release finished worker groups, and the GPUs PyTorch sees (those :func:`check_runnable` counted).
+    Its address goes into the environment the Ray processes inherit, so another Ray instance on the same
+    machine cannot confuse the state API's auto-detection."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # a local instance turns token authentication on by itself, and says so on every search
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -135,8 +144,23 @@ def start_local_ray(num_cpus: int) -> None:
         port = probe.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(
-        address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, log_to_driver=False
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=torch.cuda.device_count(),
+        include_dashboard=True,
+        dashboard_port=port,
+        log_to_driver=False,
     )
+
+
+def check_runnable(spec: SearchSpec, spec_file: Path) -> None:
+    """One error at the file's line, before Ray starts or anything is written, for what would stall or
+    fail every trial: more GPUs a trial than this machine has when no cluster is given (on a cluster,
+    :class:`PendingWatch` warns instead: it may add nodes) and pretrained weights that cannot be had."""
+    _, file = read_yaml(spec_file)
+    if cluster_address(spec) is None:
+        check_gpus(spec, file, torch.cuda.device_count())
+    check_pretrained(spec, file)
 
 
 # ---------------------------------------------------------------- the search's files and parent run
@@ -239,13 +263,19 @@ def run_search(
     spec = spec or load_spec(spec_file)
     if smoke_test:
         spec = smoke(spec)
+    check_runnable(spec, spec_file)
     paths = SearchPaths(spec.storage, spec.experiment)
     split = validation_split(spec)
     tracker = start_tracking(spec, spec_file, paths, split, resume=resume, tracking_uri=tracking_uri)
     connect_ray(spec)
     searcher = build_searcher(spec)
     run = (tracker.client.tracking_uri, spec.tracking_experiment, tracker.parent_run_id, spec)
-    callbacks = [MlflowLogger(*run, paths), SearchReport(*run, searcher), TrialTable(spec)]
+    callbacks = [
+        MlflowLogger(*run, paths),
+        SearchReport(*run, searcher),
+        TrialTable(spec),
+        PendingWatch(spec),
+    ]
     tuner = build_tuner(spec, paths, split, callbacks, searcher=searcher, resume=resume)
     results = tuner.fit()
     interrupted = _unfinished(paths, spec)
