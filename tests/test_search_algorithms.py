@@ -4,6 +4,7 @@ as PRUNED, ASHA that spares the baselines, the analysis files and the end-of-sea
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import warnings
 from collections.abc import Callable
@@ -496,3 +497,7 @@ def test_print_summary_shows_iterations_and_the_verdict() -> None:
     }
     assert "4 trials (1 stopped early, 1 failed); MLflow parent run parent" in lines
     assert lines[-1] == summary.verdict
+    out = io.StringIO()
+    browse = "http://mlflow:5000/#/experiments/1"
+    print_summary(dataclasses.replace(summary, browse=browse), console=Console(file=out))
+    assert "browse the runs: http://mlflow:5000/#/experiments/1" in out.getvalue().splitlines()

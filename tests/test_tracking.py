@@ -22,7 +22,7 @@ from reid_tune.search.schema import PAPER_POINT, SearchSpec
 from reid_tune.search.summary import describe_search
 from reid_tune.search.system_metrics import SystemSampler
 from reid_tune.tracking.plots import cmc_figure
-from reid_tune.tracking.runs import SearchTracker
+from reid_tune.tracking.runs import SearchTracker, runs_view
 
 
 @pytest.fixture()
@@ -185,3 +185,11 @@ def test_names_and_plots_import_no_framework(module: str) -> None:
     code = f"import json, sys, {module}; print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert {"mlflow", "ray", "torch", "optuna"}.isdisjoint(json.loads(done.stdout))
+
+
+def test_the_runs_view_is_one_url_away() -> None:
+    """MLflow 3's UI opens on its GenAI overview: the search prints the runs table's URL."""
+    page = "#/experiments/7?workflowType=machine_learning"
+    assert runs_view("http://mlflow.example:5000/", "7") == f"http://mlflow.example:5000/{page}"
+    local = runs_view("sqlite:////work/mlflow.db", "7")
+    assert local == f"mlflow ui --backend-store-uri sqlite:////work/mlflow.db, then http://127.0.0.1:5000/{page}"

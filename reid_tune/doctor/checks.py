@@ -4,7 +4,9 @@ Each check is a function registered with :func:`check`, returning (status, detai
 more GPUs than the checks' device offers is SKIPPED, saying so, and one that raises FAILs. New checks slot
 in with the decorator. The comparisons: the CUDA-graph step against the eager step (losses and weight
 updates over a few steps), the decoded cache's batches against the DataLoader's (the same augmented
-pixels), a bf16 autocast forward against fp32, and two DDP processes against one (global mining).
+pixels), a bf16 autocast forward against fp32, and two DDP processes against one (global mining); and
+the GPU defects a reading of the code found: the other loss graphed, a capture beside the DataLoader's
+pin-memory thread, a CPU run resumed as a graph.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from reid_tune.gpu_data import DeviceBatches, cache_image_size, step_seed
 from reid_tune.sampler import shard_batch
 from reid_tune.steps import TrainStep, build_step
 from reid_tune.training_data import PKBatches, batch_stream
+from reid_tune.vocabulary import LOSSES
 
 STEPS = 3  # training steps, or batches, each comparison runs
 TOLERANCE = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 5e-2}  # relative differences of two step kinds, by precision
@@ -145,7 +148,54 @@ def compare_steps(
 @check("CUDA-graph step = eager step", gpus=1)
 def graphed_step(target: Target) -> Outcome:
     """The trial's step as one CUDA graph against the same step run eagerly."""
+    return _graphed_against_eager(target, target.cfg)
+
+
+@check("CUDA-graph step = eager step, with the other loss", gpus=1)
+def graphed_other_loss(target: Target) -> Outcome:
+    """The same with the loss the trial does not use (batch_all captures since its mining is masked, not
+    indexed): a search may search the loss."""
+    other = next(loss for loss in LOSSES if loss != target.cfg.loss)
+    outcome = _graphed_against_eager(target, target.cfg.replace(loss=other))
+    return outcome[0], f"loss {other}: {outcome[1]}"
+
+
+@check("CUDA graph captures beside the DataLoader's pin-memory thread", gpus=1)
+def capture_beside_pinning(target: Target) -> Outcome:
+    """Graphed steps fed by the CPU data path (worker processes, pinned batches): the capture is
+    thread-local, so the pin-memory thread cannot break it."""
+    cfg, device = target.cfg.replace(cuda_graph=True), _device(target)
+    graphed = build_step(cfg, device)
+    stream = batch_stream(PKBatches(target.dataset, cfg), 0, num_workers=1, pin=True)
+    for _, images, labels in itertools.islice(stream, STEPS):
+        graphed(images.to(device, non_blocking=True), labels.to(device, non_blocking=True), cfg.learning_rate)
+    if graphed.fallback is not None:
+        return FAIL, f"the graph did not capture beside the DataLoader ({graphed.fallback.reason})"
+    return PASS, f"{STEPS} graphed steps on DataLoader batches pinned by its thread"
+
+
+@check("a CPU run resumes on the GPU as a CUDA graph", gpus=1)
+def cpu_run_resumed_on_gpu(target: Target) -> Outcome:
+    """A step's state from the CPU (contiguous Adam moments) loaded into the graphed GPU step
+    (channels_last parameters, fused Adam): the moments take their parameters' layout, the graph captures."""
     cfg, device = target.cfg, _device(target)
+    images, labels = first_batch(target)
+    cpu = build_step(cfg.replace(device="cpu", cuda_graph=False), torch.device("cpu"))
+    cpu(images.cpu(), labels.cpu(), cfg.learning_rate)
+    graphed = build_step(cfg.replace(cuda_graph=True), device)
+    graphed.load_state({"model": cpu.model.state_dict(), "optimizer": cpu.optimizer.state_dict()})
+    loss = float(graphed(images, labels, cfg.learning_rate)["loss_mean"])
+    state = graphed.optimizer.state
+    strays = sum(v.stride() != p.stride() for p in state for v in state[p].values() if v.shape == p.shape)
+    if graphed.fallback is not None or strays or not np.isfinite(loss):
+        reason = graphed.fallback.reason if graphed.fallback else f"{strays} moments laid out unlike params"
+        return FAIL, f"loss {loss:.4f}; {reason}"
+    return PASS, f"resumed and stepped as a graph: loss {loss:.4f}, every moment laid out like its parameter"
+
+
+def _graphed_against_eager(target: Target, cfg: TrainConfig) -> Outcome:
+    """``cfg``'s step as one CUDA graph against the same step run eagerly, on the trial's first batch."""
+    device = _device(target)
     images, labels = first_batch(target)
     with _same_kernels():
         eager = build_step(cfg.replace(cuda_graph=False), device)

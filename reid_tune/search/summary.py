@@ -51,6 +51,7 @@ class SearchSummary:
     paper: TrialSummary | None
     budget: int = 0  # training iterations of a full trial
     best_full: TrialSummary | None = None  # the highest validation mAP among full-budget trials
+    browse: str = ""  # how to open the search's runs in the MLflow UI
 
     @property
     def failed(self) -> int:
@@ -230,4 +231,6 @@ def print_summary(summary: SearchSummary, *, console: Console | None = None) -> 
         f"{len(summary.trials)} trials ({summary.stopped_early} stopped early, {summary.failed} failed); "
         f"MLflow parent run {summary.parent_run_id}"
     )
+    if summary.browse:
+        console.print(f"browse the runs: {summary.browse}", soft_wrap=True)
     console.print(summary.verdict)

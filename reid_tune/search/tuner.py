@@ -9,6 +9,7 @@ settings on the same validation split (:mod:`summary`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ from reid_tune.search.schema import SearchSpec
 from reid_tune.search.space import load_spec, read_yaml, validation_split
 from reid_tune.search.summary import SearchSummary, describe_search, summarize, summary_note, summary_tags
 from reid_tune.search.trainable import SearchPaths, run_trial
-from reid_tune.tracking.runs import SearchTracker
+from reid_tune.tracking.runs import SearchTracker, runs_view
 from reid_tune.tracking.store import client_for, resolve_tracking_uri
 from reid_tune.validation import ValidationSplit, write_split
 
@@ -279,7 +280,10 @@ def run_search(
     tuner = build_tuner(spec, paths, split, callbacks, searcher=searcher, resume=resume)
     results = tuner.fit()
     interrupted = _unfinished(paths, spec)
-    summary = summarize(spec, results, tracker.parent_run_id, interrupted=interrupted)
+    summary = dataclasses.replace(
+        summarize(spec, results, tracker.parent_run_id, interrupted=interrupted),
+        browse=runs_view(tracker.client.tracking_uri, tracker.experiment_id),
+    )
     runs = tracker.trial_runs()
     tracker.mark(BEST_TAG, [summary.best.trial_id] if summary.best else [], runs)
     tracker.finish(

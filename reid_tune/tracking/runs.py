@@ -77,6 +77,15 @@ def _close(client: MlflowClient, run_id: str, *, tags: dict[str, str], note: str
     client.set_terminated(run_id, status=status)
 
 
+def runs_view(tracking_uri: str, experiment_id: str) -> str:
+    """How to open an experiment's runs table in MLflow 3's UI, which opens on its GenAI overview whatever
+    the experiment's kind tag says: the page's URL, with the ``mlflow ui`` command for a local store."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
+
+
 class SearchTracker:
     """The MLflow side of one search: its parent run and the nested run of each trial."""
 
