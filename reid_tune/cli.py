@@ -89,13 +89,23 @@ def train_command(cfg: TrainConfig, run_dir: str | Path) -> str:
         if field.name in _NOT_FLAGS or value == field.default:
             continue
         flag = field.name.replace("_", "-")
+        if isinstance(value, tuple):
+            value = ",".join(f"{v:g}" for v in value)
         words.append(f"--{'' if value else 'no-'}{flag}" if isinstance(value, bool) else f"--{flag} {value}")
     return " ".join(words)
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """The margin option is text: a number becomes a float, 'soft'/'none' stay words."""
-    return vocabulary.parse_margin(value) if name == "margin" else value
+    """Text options: a margin number becomes a float ('soft'/'none' stay words), milestones '0.5,0.75' a
+    tuple of floats."""
+    if name == "margin":
+        return vocabulary.parse_margin(value)
+    if name == "milestones":
+        try:
+            return tuple(float(part) for part in value.split(","))
+        except ValueError:
+            raise ConfigError(f"--milestones={value!r}: expected fractions like 0.5,0.75") from None
+    return value
 
 
 @cli.command()

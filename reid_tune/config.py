@@ -17,6 +17,7 @@ from reid_tune.vocabulary import (
     LOSSES,
     METRICS,
     PRECISIONS,
+    SCHEDULES,
     choose,
     is_int,
     is_number,
@@ -50,11 +51,27 @@ class TrainConfig:
     loss: str = "batch_hard"  # or batch_all
     margin: float | str = "soft"  # a float (hinge), "soft" (softplus) or "none"
     metric: str = "euclidean"  # euclidean, sqeuclidean, cityblock
-    # optimisation: Adam, constant lr, then exponential decay to lr * decay_factor at the last iteration
+    # optimisation: Adam; the schedule (SCHEDULES) decays the lr:
+    #   exponential (triplet-reid): constant, then from decay_start_iteration down to lr * decay_factor
+    #   multistep (BoT): times decay_factor at each milestone (fractions of train_iterations)
+    #   cosine: constant, then a half cosine from decay_start_iteration down to lr * decay_factor
     learning_rate: float = 3e-4
     train_iterations: int = 25_000
-    decay_start_iteration: int = 15_000  # >= train_iterations: no decay
+    schedule: str = "exponential"
+    decay_start_iteration: int = 15_000  # exponential, cosine; >= train_iterations: no decay
     decay_factor: float = 0.001
+    milestones: tuple[float, ...] = (0.5, 0.75)  # multistep only (BoT: 40 and 70 of 120 epochs)
+    warmup_iterations: int = 0  # linear warm-up from lr * warmup_factor (BoT: 10 epochs from 0.1)
+    warmup_factor: float = 0.1
+    weight_decay: float = 0.0  # Adam's L2 penalty (BoT: 5e-4)
+    # Bag of Tricks (Luo et al. 2019), all off by default: the paper's recipe stays the default
+    id_loss_weight: float = 0.0  # > 0: a classifier over the training identities, cross-entropy (BoT: 1)
+    label_smoothing: float = 0.0  # epsilon of the ID loss (BoT: 0.1)
+    bnneck: bool = False  # BatchNorm (no bias) after the embedding: triplet before, ID loss and retrieval after
+    last_stride: int = 2  # 1: a ResNet's last stage keeps its resolution (BoT)
+    random_erasing: float = 0.0  # probability a training image gets a random box of the mean (BoT: 0.5)
+    center_loss_weight: float = 0.0  # center loss on the triplet feature (BoT: 0.0005)
+    center_lr: float = 0.5  # the centers' own SGD learning rate (BoT)
     # bookkeeping
     checkpoint_frequency: int = 1_000  # iterations between checkpoints
     keep_checkpoints: int = 0  # 0 keeps every checkpoint, like triplet-reid
@@ -87,6 +104,15 @@ class TrainConfig:
                  f">= input_width={self.input_width}")
         _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
         _require(0 < self.decay_factor <= 1, "decay_factor", self.decay_factor, "in (0, 1]")
+        choose("schedule", self.schedule, SCHEDULES)
+        _require(all(0 < m < 1 for m in self.milestones) and list(self.milestones) == sorted(set(self.milestones)),
+                 "milestones", self.milestones, "increasing fractions of train_iterations in (0, 1)")
+        _require(0 < self.warmup_factor <= 1, "warmup_factor", self.warmup_factor, "in (0, 1]")
+        _require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "in [0, 1)")
+        _require(0 <= self.random_erasing <= 1, "random_erasing", self.random_erasing, "in [0, 1]")
+        _require(self.last_stride in (1, 2), "last_stride", self.last_stride, "1 or 2")
+        for name in ("warmup_iterations", "weight_decay", "id_loss_weight", "center_loss_weight", "center_lr"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         _require(self.decay_start_iteration >= 0, "decay_start_iteration", self.decay_start_iteration, ">= 0")
         for name in ("keep_checkpoints", "num_workers", "seed"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
@@ -152,7 +178,18 @@ def _accepts(annotation: Any, value: Any) -> bool:
         return is_number(value)
     if annotation is int:
         return is_int(value)
+    if typing.get_origin(annotation) is tuple:  # a tuple of numbers (a list in JSON and YAML)
+        return isinstance(value, (list, tuple)) and all(is_number(v) for v in value)
     return isinstance(value, annotation)
+
+
+def _coerced(annotation: str, value: Any) -> Any:
+    """``value`` as its field stores it: an int given for a float is a float, a list a tuple of floats."""
+    if annotation == "float" and isinstance(value, int):
+        return float(value)
+    if annotation.startswith("tuple") and isinstance(value, (list, tuple)):
+        return tuple(float(v) for v in value)
+    return value
 
 
 def config_from_dict(data: dict[str, Any], *, source: str = "config") -> TrainConfig:
@@ -163,7 +200,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> TrainCo
             raise ConfigError(f"{source}: unknown option {key!r}; known: {', '.join(sorted(known))}")
         if not _accepts(known[key].type, value):
             raise ConfigError(f"{source}: {key}={value!r}: expected {known[key].type}")
-    values = {k: (float(v) if known[k].type == "float" and isinstance(v, int) else v) for k, v in data.items()}
+    values = {k: _coerced(known[k].type, v) for k, v in data.items()}
     try:
         return TrainConfig(**values)
     except ConfigError as err:

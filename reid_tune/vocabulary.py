@@ -18,6 +18,7 @@ CROP_AUGMENTS = ("center", "five", "avgpool")  # test-time crops
 AGGREGATORS = ("mean", "normalized_mean")  # how test-time views are combined
 EMBED_FORMATS = ("h5", "csv")
 LOSSES = ("batch_hard", "batch_all")
+SCHEDULES = ("exponential", "multistep", "cosine")  # how the learning rate decays
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 DATA_PATHS = ("auto", "cpu", "device")
 MARGIN_WORDS = ("soft", "none")  # softplus, no margin; else a number >= 0 (hinge)
