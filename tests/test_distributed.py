@@ -47,6 +47,7 @@ def _worker(rank: int, world: int, init: str, margin: float | str, out: str) -> 
         loss, stats = step.forward_backward(images[mine], labels[mine])
         if rank == 0:
             torch.save({"loss": loss.detach(), "grads": _grads(step), "top1": stats["top1"]}, out)
+        dist.barrier()  # no rank tears gloo down while another still talks to it (SIGABRT under load)
     finally:
         dist.destroy_process_group()
 

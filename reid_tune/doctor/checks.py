@@ -324,6 +324,7 @@ def _ddp_worker(
         loss, _ = step.forward_backward(images[mine], labels[mine])
         if rank == 0:
             torch.save({"loss": loss.detach().cpu(), "gradients": _gradients(step).cpu()}, out)
+        dist.barrier()  # no rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
