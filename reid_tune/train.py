@@ -34,18 +34,11 @@ from reid_tune.devices import Fallback, resolve_device
 from reid_tune.distributed import rank_and_world
 from reid_tune.errors import ReidTuneError
 from reid_tune.models import ReidModel
+from reid_tune.schedules import lr_at
 from reid_tune.steps import TrainStep, build_step
 from reid_tune.training_data import load_training_set, open_batches
 
 LOG_FILE = "log.jsonl"
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """triplet-reid's lr at ``step``: constant, then ``lr * decay_factor ** ((t - t0) / (T - t0))``."""
-    t0, total = cfg.decay_start_iteration, cfg.train_iterations
-    if step <= t0 or t0 >= total:
-        return cfg.learning_rate
-    return cfg.learning_rate * cfg.decay_factor ** ((step - t0) / (total - t0))
 
 
 class TrainCallback:

@@ -8,7 +8,7 @@ import pytest
 
 from reid_tune.config import TrainConfig, config_from_dict
 from reid_tune.errors import ReidTuneError
-from reid_tune.train import lr_at
+from reid_tune.schedules import lr_at
 
 
 def test_defaults_are_the_papers_settings() -> None:

@@ -87,10 +87,12 @@ def test_each_vocabulary_is_implemented_exactly() -> None:
     from reid_tune.datasets import _CONVERTERS
     from reid_tune.losses import MINERS
     from reid_tune.models import list_heads, list_networks
+    from reid_tune.schedules import _DECAY
 
     assert tuple(AGGREGATE) == vocabulary.AGGREGATORS
     assert tuple(_CONVERTERS) == vocabulary.DATASET_KINDS
     assert tuple(MINERS) == vocabulary.LOSSES
+    assert tuple(_DECAY) == vocabulary.SCHEDULES
     assert list_networks() == sorted(vocabulary.NETWORKS) and list_heads() == sorted(vocabulary.HEADS)
     assert set(vocabulary.CAMERA_EXCLUDERS) <= set(vocabulary.CONVENTIONS) <= set(vocabulary.EXCLUDERS)
 
