@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from reid_tune.atomic import atomic_path
-from reid_tune.config import TrainConfig
+from reid_tune.config import TrainConfig, config_from_dict
 from reid_tune.errors import ReidTuneError
 from reid_tune.models import ReidModel, create_model, model_args
 
@@ -76,5 +76,5 @@ def load_model(path: Path, *, device: str | torch.device = "cpu") -> tuple[ReidM
     state = read_checkpoint(path, device=device)
     model = create_model(**state["model_args"])
     model.load_state_dict(state["model"])
-    cfg = TrainConfig(**state["config"])
+    cfg = config_from_dict(state["config"], source=str(path))
     return model.to(device).eval(), cfg

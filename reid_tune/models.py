@@ -293,15 +293,35 @@ for _head, (_hidden, _normalize) in _HEAD_VARIANTS.items():
 # --- the model -------------------------------------------------------------------------------------
 
 
-class ReidModel(nn.Module):
-    """A trunk and an embedding head, remembering the names they were created from."""
+class BNNeck(nn.BatchNorm1d):
+    """BoT's BNNeck (Luo et al. 2019): BatchNorm of the embedding with its bias frozen at 0, so the
+    triplet loss sees the feature before it and retrieval (and an ID loss) the normalised one after it."""
 
-    def __init__(self, trunk: nn.Module, head: nn.Module, *, network: str, head_name: str) -> None:
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.bias.requires_grad_(False)
+
+
+class ReidModel(nn.Module):
+    """A trunk and an embedding head (and optionally a BNNeck), remembering how they were created."""
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        head: nn.Module,
+        *,
+        network: str,
+        head_name: str,
+        bnneck: bool = False,
+        last_stride: int = 2,
+    ) -> None:
         super().__init__()
         self.trunk = trunk
         self.head = head
+        self.neck = BNNeck(head.embedding_dim) if bnneck else None
         self.network = network
         self.head_name = head_name
+        self.last_stride = last_stride
         self.feature_dim: int = trunk.feature_dim
         self.embedding_dim: int = head.embedding_dim
 
@@ -314,7 +334,13 @@ class ReidModel(nn.Module):
         return self.head(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        """The embedding to train the triplet loss on (before the BNNeck) in training mode; the retrieval
+        embedding (after it) in eval mode. Training still runs the neck, so its statistics follow."""
+        embeddings = self.forward_head(self.forward_features(x))
+        if self.neck is None:
+            return embeddings
+        after = self.neck(embeddings)
+        return embeddings if self.training else after
 
 
 def create_model(
@@ -323,8 +349,11 @@ def create_model(
     *,
     embedding_dim: int = 128,
     pretrained: str | None = None,
+    bnneck: bool = False,
+    last_stride: int = 2,
 ) -> ReidModel:
-    """Build ``network`` + ``head`` by name.
+    """Build ``network`` + ``head`` by name, with BoT's BNNeck after the head and the last ResNet stage's
+    stride (1 keeps its resolution, as BoT) when asked.
 
     ``pretrained`` initialises the trunk: None (random), ``"imagenet"`` (torchvision's default
     weights for ``network``), a torchvision weights name such as ``"IMAGENET1K_V2"``, or the path of
@@ -335,10 +364,31 @@ def create_model(
     if not is_int(embedding_dim) or embedding_dim <= 0:
         raise ConfigError(f"embedding_dim={embedding_dim!r}: must be a positive integer")
     trunk = build_trunk(pretrained=pretrained)
+    if last_stride != 2:
+        _set_last_stride(trunk, network, last_stride)
     embedding_head = build_head(trunk.feature_dim, embedding_dim=embedding_dim)
-    return ReidModel(trunk, embedding_head, network=network, head_name=head)
+    return ReidModel(
+        trunk, embedding_head, network=network, head_name=head, bnneck=bnneck, last_stride=last_stride
+    )
+
+
+def _set_last_stride(trunk: nn.Module, network: str, stride: int) -> None:
+    """The stride of a ResNet's last stage (its first block's strided convolution and shortcut)."""
+    if not hasattr(trunk, "layer4"):
+        raise ConfigError(f"last_stride={stride}: {network} has no ResNet last stage, expected a resnet")
+    block = trunk.layer4[0]
+    strided = block.conv2 if hasattr(block, "conv3") else block.conv1  # bottleneck (v1.5) or basic block
+    strided.stride = (stride, stride)
+    if block.downsample is not None:
+        block.downsample[0].stride = (stride, stride)
 
 
 def model_args(model: ReidModel) -> dict[str, Any]:
     """Architecture arguments to store beside the weights; ``create_model(**model_args(m))`` rebuilds it."""
-    return {"network": model.network, "head": model.head_name, "embedding_dim": model.embedding_dim}
+    return {
+        "network": model.network,
+        "head": model.head_name,
+        "embedding_dim": model.embedding_dim,
+        "bnneck": model.neck is not None,
+        "last_stride": model.last_stride,
+    }

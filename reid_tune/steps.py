@@ -246,18 +246,27 @@ def use_cuda_graph(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def _adam(model: ReidModel, cfg: TrainConfig, device: torch.device, *, graphed: bool) -> torch.optim.Adam:
-    """triplet-reid's Adam; on a GPU fused, with a device-tensor lr, capturable when graphed."""
+    """triplet-reid's Adam (with BoT's weight decay when set); on a GPU fused, with a device-tensor lr,
+    capturable when graphed."""
+    params = [p for p in model.parameters() if p.requires_grad]  # not the BNNeck's frozen bias
     if device.type != "cuda":
-        return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+        return torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     lr = torch.tensor(cfg.learning_rate, device=device)
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=graphed)
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=graphed)
 
 
 def build_step(cfg: TrainConfig, device: torch.device) -> TrainStep:
     """Seeded model, loss and Adam for ``cfg`` on ``device``, graphed or eager (see ``cfg.cuda_graph``)."""
     graphed = use_cuda_graph(cfg, device)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.network, cfg.head, embedding_dim=cfg.embedding_dim, pretrained=cfg.pretrained)
+    model = create_model(
+        cfg.network,
+        cfg.head,
+        embedding_dim=cfg.embedding_dim,
+        pretrained=cfg.pretrained,
+        bnneck=cfg.bnneck,
+        last_stride=cfg.last_stride,
+    )
     on_gpu = device.type == "cuda"
     channels_last = on_gpu if cfg.channels_last is None else cfg.channels_last
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)

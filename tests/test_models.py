@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from reid_tune import models
-from reid_tune.errors import ReidTuneError
+from reid_tune.errors import ConfigError, ReidTuneError
 from reid_tune.models import create_model, list_heads, list_networks, model_args
 
 FEATURE_DIMS = {
@@ -162,7 +162,8 @@ def test_imagenet_without_internet_says_to_pass_a_file(monkeypatch: pytest.Monke
 def test_model_args_rebuild_the_architecture() -> None:
     model = create_model("lunet_small", "fc1024_normalize", embedding_dim=32)
     args = model_args(model)
-    assert args == {"network": "lunet_small", "head": "fc1024_normalize", "embedding_dim": 32}
+    assert args == {"network": "lunet_small", "head": "fc1024_normalize", "embedding_dim": 32, "bnneck": False,
+                    "last_stride": 2}
     create_model(**args).load_state_dict(model.state_dict())  # strict: same architecture
 
 
@@ -179,3 +180,43 @@ def test_lunet_small_trains() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def _last_stage_size(model: torch.nn.Module, height: int, width: int) -> tuple[int, int]:
+    """(H, W) of the trunk's last stage output for one image of ``height`` x ``width``."""
+    sizes = []
+    model.trunk.layer4.register_forward_hook(lambda _m, _i, out: sizes.append(tuple(out.shape[-2:])))
+    model.eval()(torch.zeros(1, 3, height, width))
+    return sizes[0]
+
+
+@pytest.mark.parametrize("network", ["resnet18", "resnet50"])
+def test_last_stride_one_doubles_the_last_feature_map(network: str) -> None:
+    """BoT's last stride 1: a 256x128 input ends in 16x8 instead of 8x4; the weights are the same tensors."""
+    assert _last_stage_size(create_model(network, "direct", embedding_dim=8), 256, 128) == (8, 4)
+    strided = create_model(network, "direct", embedding_dim=8, last_stride=1)
+    assert _last_stage_size(strided, 256, 128) == (16, 8)
+    assert create_model(**model_args(strided)).trunk.layer4[0].downsample[0].stride == (1, 1)
+
+
+def test_last_stride_needs_a_resnet() -> None:
+    with pytest.raises(ConfigError, match="last_stride=1: lunet_small has no ResNet last stage"):
+        create_model("lunet_small", last_stride=1)
+
+
+def test_bnneck_trains_before_and_retrieves_after_its_batchnorm() -> None:
+    """Training mode: the head's embedding (the triplet feature); eval: that embedding through the
+    BatchNorm with its running statistics, whose bias stays 0 and out of the optimizer's reach."""
+    torch.manual_seed(0)
+    model = create_model("lunet_small", "fc1024", embedding_dim=16, bnneck=True)
+    images = torch.randn(6, 3, 64, 32)
+    before = model.train()(images)
+    torch.testing.assert_close(before, model.head(model.trunk(images)))
+    neck = model.neck
+    assert not neck.bias.requires_grad and torch.count_nonzero(neck.bias) == 0
+    assert neck.num_batches_tracked == 1  # training ran the neck: its statistics follow the embeddings
+    after = model.eval()(images)
+    plain = model.head(model.trunk(images))
+    expected = (plain - neck.running_mean) / torch.sqrt(neck.running_var + neck.eps) * neck.weight
+    torch.testing.assert_close(after, expected)
+    assert model_args(model)["bnneck"] and create_model(**model_args(model)).neck is not None

@@ -181,3 +181,10 @@ def test_cuda_moments_of_a_cpu_run_resume_channels_last(tiny_config: TrainConfig
     assert step.graphed and losses[-1] < losses[0]
     with pytest.raises(ReidTuneError, match="load_state: after the CUDA graph's capture"):
         step.load_state(read_checkpoint(run.checkpoint, device=device))
+
+
+def test_weight_decay_reaches_adam_and_the_frozen_bnneck_bias_does_not(tiny_config: TrainConfig) -> None:
+    step = build_step(tiny_config.replace(weight_decay=5e-4, bnneck=True), torch.device("cpu"))
+    (group,) = step.optimizer.param_groups
+    assert group["weight_decay"] == 5e-4
+    assert all(p is not step.model.neck.bias for p in group["params"])

@@ -14,13 +14,18 @@ from reid_tune.config import TrainConfig
 from reid_tune.errors import ReidTuneError
 from reid_tune.train import train
 
+# BoT's options that change the network, the optimizer and the schedule (decayed within the 6 iterations)
+BOT_OPTIONS = {"bnneck": True, "weight_decay": 5e-4, "schedule": "multistep", "milestones": (0.5, 0.8),
+               "decay_factor": 0.1, "warmup_iterations": 2}
 
-@pytest.mark.parametrize("data_path", ["auto", "cpu"])
+
+@pytest.mark.parametrize(("data_path", "options"), [("auto", {}), ("cpu", {}), ("auto", BOT_OPTIONS)],
+                         ids=["auto", "cpu", "auto-bot"])
 def test_interrupted_then_resumed_run_equals_uninterrupted(
-    tiny_config: TrainConfig, tmp_path: Path, data_path: str
+    tiny_config: TrainConfig, tmp_path: Path, data_path: str, options: dict
 ) -> None:
     """On the CPU, ``auto`` takes the decoded cache (built once for the three runs), ``cpu`` a DataLoader."""
-    cfg = tiny_config.replace(data_path=data_path, cache_dir=str(tmp_path / "cache"))
+    cfg = tiny_config.replace(data_path=data_path, cache_dir=str(tmp_path / "cache"), **options)
     whole = train(cfg, tmp_path / "whole")
     assert not whole.interrupted and whole.step == 6
 
