@@ -162,8 +162,8 @@ def test_imagenet_without_internet_says_to_pass_a_file(monkeypatch: pytest.Monke
 def test_model_args_rebuild_the_architecture() -> None:
     model = create_model("lunet_small", "fc1024_normalize", embedding_dim=32)
     args = model_args(model)
-    assert args == {"network": "lunet_small", "head": "fc1024_normalize", "embedding_dim": 32, "bnneck": False,
-                    "last_stride": 2}
+    assert args == {"network": "lunet_small", "head": "fc1024_normalize", "embedding_dim": 32,
+                    "bnneck": False, "last_stride": 2}
     create_model(**args).load_state_dict(model.state_dict())  # strict: same architecture
 
 
