@@ -2,7 +2,8 @@
 
 Images become float (3, H, W) tensors normalised with torchvision's ImageNet mean/std. Training
 randomness comes only from an explicit generator, so a resumed run sees the same pixels. As in
-triplet-reid, a flip applies to the whole pre-crop image and the crop is taken afterwards.
+triplet-reid, a flip applies to the whole pre-crop image and the crop is taken afterwards. Random
+erasing (Zhong et al. 2017, as BoT) then blanks a box of the crop to the mean pixel, alike on both paths.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from reid_tune.vocabulary import CROP_AUGMENTS, choose, is_int
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Random erasing as BoT's RandomErasing: a box of area U(0.02, 0.4) of the image and aspect U(0.3, 1/0.3),
+# the first of the attempts that fits. BoT tries up to 100 times; both paths here try ERASE_ATTEMPTS (a
+# fixed count, so the device path draws fixed-size tensors): at 256x128 about 1 in 10^4 images then stays
+# unerased where BoT would find a box. The box becomes 0 after normalisation: the ImageNet mean pixel.
+ERASE_AREA = (0.02, 0.4)
+ERASE_ASPECT = 0.3
+ERASE_ATTEMPTS = 10
 
 # crop_augment -> embed.py's view suffixes, in its order.
 _CROP_VIEWS = {
@@ -98,12 +107,14 @@ def train_augment(
     pre_crop_size: Sequence[int] = (288, 144),
     crop: bool = True,
     flip: bool = True,
+    erasing: float = 0.0,
 ) -> torch.Tensor:
-    """triplet-reid's training input (3, H, W): resize, random horizontal flip (p=0.5), random crop.
+    """triplet-reid's training input (3, H, W): resize, random horizontal flip (p=0.5), random crop, then
+    random erasing with probability ``erasing``.
 
     With ``crop`` the image is resized to ``pre_crop_size`` and a uniformly placed ``input_size``
     window is cut out; without, it is resized straight to ``input_size``. All randomness comes from
-    ``rng``, drawn in a fixed order (flip, then crop row, then crop column).
+    ``rng``, drawn in a fixed order (flip, crop row, crop column, then the erasing's draws if on).
     """
     input_hw, pre_crop_hw = _check_sizes(input_size, pre_crop_size, crop=crop)
     array = resized(image, pre_crop_hw if crop else input_hw)
@@ -113,7 +124,26 @@ def train_augment(
         top = int(rng.integers(0, pre_crop_hw[0] - input_hw[0] + 1))
         left = int(rng.integers(0, pre_crop_hw[1] - input_hw[1] + 1))
         array = array[top : top + input_hw[0], left : left + input_hw[1]]
-    return to_tensor(array)
+    tensor = to_tensor(array)
+    box = _erasure(rng, *input_hw, erasing) if erasing else None
+    if box is not None:
+        top, left, height, width = box
+        tensor[:, top : top + height, left : left + width] = 0.0
+    return tensor
+
+
+def _erasure(rng: np.random.Generator, height: int, width: int, probability: float) -> tuple[int, ...] | None:
+    """(top, left, height, width) of the box random erasing blanks in one image, or None (no erasing)."""
+    if rng.random() >= probability:
+        return None
+    area = rng.uniform(*ERASE_AREA, ERASE_ATTEMPTS) * height * width
+    aspect = rng.uniform(ERASE_ASPECT, 1 / ERASE_ASPECT, ERASE_ATTEMPTS)
+    heights, widths = np.round(np.sqrt(area * aspect)), np.round(np.sqrt(area / aspect))
+    fits = (heights < height) & (widths < width)
+    if not fits.any():
+        return None
+    box_h, box_w = int(heights[fits.argmax()]), int(widths[fits.argmax()])
+    return int(rng.integers(0, height - box_h + 1)), int(rng.integers(0, width - box_w + 1)), box_h, box_w
 
 
 def batch_train_augment(
@@ -124,13 +154,15 @@ def batch_train_augment(
     pre_crop_size: Sequence[int] = (288, 144),
     crop: bool = True,
     flip: bool = True,
+    erasing: float = 0.0,
 ) -> torch.Tensor:
     """:func:`train_augment` for a uint8 batch (B, 3, H0, W0) on any device -> normalised (B, 3, H, W).
 
     Resizes the whole batch (bilinear, antialiased) unless it already has the size to crop from, then
     flips and crops each sample by index arithmetic and normalises only the crops: the same pixels as
     normalising first, with less work. Random numbers are drawn on ``generator``'s device (flips, then
-    rows, then columns), so a seed gives the same augmentation wherever the images live.
+    rows, then columns, then the erasing's boxes), so a seed gives the same augmentation wherever the
+    images live; the boxes follow :func:`train_augment`'s distribution, drawn as tensors.
     """
     input_hw, pre_crop_hw = _check_sizes(input_size, pre_crop_size, crop=crop)
     if images_uint8.dim() != 4 or images_uint8.shape[1] != 3 or images_uint8.dtype != torch.uint8:
@@ -149,7 +181,34 @@ def batch_train_augment(
     lefts = _draw_offsets(batch, size[1] - input_hw[1], generator, enabled=crop).to(device)
     cols = lefts[:, None] + torch.arange(input_hw[1], device=device)  # (B, W) in the (maybe flipped) image
     cols = torch.where(flipped[:, None], size[1] - 1 - cols, cols)  # ... as columns of the unflipped image
-    return normalize_pixels(_crops(pixels, tops, cols, height=input_hw[0]))
+    crops = normalize_pixels(_crops(pixels, tops, cols, height=input_hw[0]))
+    return _erased(crops, generator, erasing) if erasing else crops
+
+
+def _erased(images: torch.Tensor, generator: torch.Generator, probability: float) -> torch.Tensor:
+    """``images`` (B, C, H, W) with each one's random-erasing box (as :func:`_erasure` draws it) set to 0."""
+    batch, _, height, width = images.shape
+    device = generator.device
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+
+    erase = uniform(0, 1, batch) < probability
+    area = uniform(*ERASE_AREA, batch, ERASE_ATTEMPTS) * height * width
+    aspect = uniform(ERASE_ASPECT, 1 / ERASE_ASPECT, batch, ERASE_ATTEMPTS)
+    heights, widths = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (heights < height) & (widths < width)
+    first = fits.int().argmax(1, keepdim=True)  # the first attempt that fits (0 when none does)
+    keep = (erase & fits.any(1)).double()
+    box_h, box_w = heights.gather(1, first)[:, 0] * keep, widths.gather(1, first)[:, 0] * keep
+    top = torch.floor(uniform(0, 1, batch) * (height - box_h + 1))
+    left = torch.floor(uniform(0, 1, batch) * (width - box_w + 1))
+    rows = torch.arange(height, device=device, dtype=torch.float64)[None, :]
+    cols = torch.arange(width, device=device, dtype=torch.float64)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])  # (B, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])  # (B, W)
+    box = (in_rows[:, :, None] & in_cols[:, None, :]).to(images.device)
+    return images.masked_fill(box[:, None], 0.0)
 
 
 def _crops(pixels: torch.Tensor, tops: torch.Tensor, cols: torch.Tensor, *, height: int) -> torch.Tensor:

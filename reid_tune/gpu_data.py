@@ -234,7 +234,7 @@ class DeviceBatches:
         self.generator.manual_seed(step_seed(cfg.seed, step))
         images = batch_train_augment(_moved(uint8, self.device), self.generator, input_size=cfg.input_size,
                                      pre_crop_size=cfg.pre_crop_size, crop=cfg.crop_augment,
-                                     flip=cfg.flip_augment)
+                                     flip=cfg.flip_augment, erasing=cfg.random_erasing)
         labels = _moved(torch.from_numpy(self.sampler.labels(indices)), self.device)
         return images[self.share], labels[self.share]
 

@@ -116,6 +116,7 @@ class PKBatches(torch.utils.data.Dataset):
             pre_crop_size=self.cfg.pre_crop_size,
             crop=self.cfg.crop_augment,
             flip=self.cfg.flip_augment,
+            erasing=self.cfg.random_erasing,
         )
 
 

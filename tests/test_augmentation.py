@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -211,3 +214,82 @@ def test_aggregators_reduce_the_views_axis(as_numpy: bool) -> None:
         torch.testing.assert_close(torch.as_tensor(got), expected)
     swapped = AGGREGATE["normalized_mean"](given.swapaxes(0, 1), axis=1)  # (N, V, D)
     torch.testing.assert_close(torch.as_tensor(swapped), unit)
+
+
+# --- random erasing ---------------------------------------------------------------------------------
+
+
+def _bot_erasure(rng: random.Random, height: int, width: int, probability: float) -> tuple[int, int] | None:
+    """BoT's RandomErasing (Zhong et al. 2017) as its code reads: (box height, width) or None."""
+    if rng.uniform(0, 1) >= probability:
+        return None
+    for _ in range(100):
+        area = rng.uniform(0.02, 0.4) * height * width
+        aspect = rng.uniform(0.3, 1 / 0.3)
+        h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if w < width and h < height:
+            return h, w
+    return None
+
+
+def _erased_fractions(masks: torch.Tensor) -> np.ndarray:
+    """The erased fraction of each image (B, H, W) boolean masks."""
+    return masks.flatten(1).double().mean(1).numpy()
+
+
+def _statistics_agree(got: np.ndarray, want: np.ndarray) -> None:
+    """Same probability of erasing and the same distribution of erased areas (two-sample checks)."""
+    assert abs((got > 0).mean() - (want > 0).mean()) < 0.03
+    got, want = got[got > 0], want[want > 0]
+    assert got.min() >= 0.01 and got.max() <= 0.45  # areas 0.02-0.4 of the image, sides rounded to pixels
+    for q in (0.1, 0.5, 0.9):
+        assert abs(np.quantile(got, q) - np.quantile(want, q)) < 0.02, q
+
+
+def _reference_fractions(count: int, height: int, width: int, probability: float) -> np.ndarray:
+    rng = random.Random(0)
+    boxes = [_bot_erasure(rng, height, width, probability) for _ in range(count)]
+    return np.array([0.0 if box is None else box[0] * box[1] / (height * width) for box in boxes])
+
+
+def test_cpu_random_erasing_follows_bot() -> None:
+    """train_augment's boxes: BoT's probability and areas, aspect within [0.3, 1/0.3], filled with 0 (the
+    normalised mean pixel), inside the image."""
+    image = Image.fromarray(np.full((64, 32, 3), 255, dtype=np.uint8))  # white: normalised values > 0
+    count, rng = 3000, np.random.default_rng(0)
+    views = torch.stack([
+        train_augment(image, rng, input_size=(64, 32), pre_crop_size=(64, 32), crop=False, flip=False,
+                      erasing=0.5)
+        for _ in range(count)
+    ])
+    masks = (views == 0).all(1)
+    _statistics_agree(_erased_fractions(masks), _reference_fractions(count, 64, 32, 0.5))
+    for mask in masks[masks.flatten(1).any(1)][:200]:  # each erased region is one axis-aligned box
+        rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+        assert mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all()
+        assert 0.25 <= len(rows) / len(cols) <= 1 / 0.25
+
+
+def test_device_random_erasing_has_the_cpu_statistics() -> None:
+    """batch_train_augment's boxes, drawn as tensors, follow the same distribution as the CPU path's."""
+    count = 3000
+    images = torch.full((count, 3, 64, 32), 255, dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(0)
+    views = batch_train_augment(images, generator, input_size=(64, 32), pre_crop_size=(64, 32), crop=False,
+                                flip=False, erasing=0.5)
+    masks = (views == 0).all(1)
+    _statistics_agree(_erased_fractions(masks), _reference_fractions(count, 64, 32, 0.5))
+
+
+def test_random_erasing_off_draws_nothing() -> None:
+    """With erasing 0 both paths give today's pixels and leave their generators where they were."""
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (80, 40, 3), dtype=np.uint8))
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    plain, off = train_augment(image, a, **SIZES), train_augment(image, b, **SIZES, erasing=0.0)
+    torch.testing.assert_close(plain, off)
+    assert a.random() == b.random()
+    batch = torch.randint(0, 256, (4, 3, 80, 40), dtype=torch.uint8)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.testing.assert_close(batch_train_augment(batch, g1, **SIZES),
+                               batch_train_augment(batch, g2, **SIZES, erasing=0.0))
+    assert torch.equal(g1.get_state(), g2.get_state())

@@ -16,11 +16,12 @@ from reid_tune.train import train
 
 # BoT's options that change the network, the optimizer and the schedule (decayed within the 6 iterations)
 BOT_OPTIONS = {"bnneck": True, "weight_decay": 5e-4, "schedule": "multistep", "milestones": (0.5, 0.8),
-               "decay_factor": 0.1, "warmup_iterations": 2}
+               "decay_factor": 0.1, "warmup_iterations": 2, "random_erasing": 0.5}
 
 
-@pytest.mark.parametrize(("data_path", "options"), [("auto", {}), ("cpu", {}), ("auto", BOT_OPTIONS)],
-                         ids=["auto", "cpu", "auto-bot"])
+@pytest.mark.parametrize(("data_path", "options"),
+                         [("auto", {}), ("cpu", {}), ("auto", BOT_OPTIONS), ("cpu", BOT_OPTIONS)],
+                         ids=["auto", "cpu", "auto-bot", "cpu-bot"])
 def test_interrupted_then_resumed_run_equals_uninterrupted(
     tiny_config: TrainConfig, tmp_path: Path, data_path: str, options: dict
 ) -> None:
