@@ -31,9 +31,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: ReidModel, optimizer: torch.optim.Optimizer, cfg: TrainConfig
+    run_dir: Path,
+    step: int,
+    model: ReidModel,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    *,
+    identity: torch.nn.Module | None = None,
 ) -> Path:
-    """Write weights, optimizer state and options atomically; prune old ones per ``keep_checkpoints``."""
+    """Write weights, optimizer state and options atomically (and the training-only ``identity`` parts
+    apart from the network); prune old ones per ``keep_checkpoints``."""
     path = checkpoint_path(run_dir, step)
     state = {
         "step": step,
@@ -41,6 +48,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "config": cfg.to_dict(),
         "model_args": model_args(model),
+        **({"identity": identity.state_dict()} if identity is not None else {}),
     }
     with atomic_path(path) as temp:
         torch.save(state, temp)

@@ -334,13 +334,10 @@ class ReidModel(nn.Module):
         return self.head(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The embedding to train the triplet loss on (before the BNNeck) in training mode; the retrieval
-        embedding (after it) in eval mode. Training still runs the neck, so its statistics follow."""
+        """The embedding to train the triplet loss on (before the BNNeck) in training mode, the retrieval
+        embedding (after it) in eval mode. The training step runs ``neck`` on the (all-gathered) batch."""
         embeddings = self.forward_head(self.forward_features(x))
-        if self.neck is None:
-            return embeddings
-        after = self.neck(embeddings)
-        return embeddings if self.training else after
+        return embeddings if self.neck is None or self.training else self.neck(embeddings)
 
 
 def create_model(

@@ -13,11 +13,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 from reid_tune.config import TrainConfig
 from reid_tune.devices import CUDA_GRAPH, Fallback, configure_gpu, fall_back, resolve_precision
 from reid_tune.distributed import gather_batch, rank_and_world, wrap_model
 from reid_tune.errors import ReidTuneError
+from reid_tune.id_losses import IdentityLosses, identity_losses
 from reid_tune.losses import TripletLoss
 from reid_tune.models import ReidModel, create_model
 
@@ -42,9 +44,16 @@ class TrainStep:
         bf16: bool,
         channels_last: bool,
         compile: bool = False,
+        identity: IdentityLosses | None = None,
+        center_lr: float = 0.5,
     ) -> None:
         self.model, self.net, self.loss_fn, self.optimizer = model, model, loss_fn, optimizer
         self.device, self.bf16, self.channels_last, self.compile = device, bf16, channels_last, compile
+        self.identity = identity  # BoT's training-only classifier and centers (checkpointed apart)
+        centers = [identity.centers] if identity is not None and identity.centers is not None else []
+        self.center_optimizer = torch.optim.SGD(centers, lr=center_lr) if centers else None
+        # what a rollback or a checkpoint restores: the network and the training-only parts
+        self.trained = nn.ModuleList([model] + ([identity] if identity is not None else []))
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -62,6 +71,8 @@ class TrainStep:
     def load_state(self, state: dict[str, Any]) -> None:
         """Weights and Adam state of a checkpoint; this step's optimizer options (lr tensor, fused) stay."""
         self.model.load_state_dict(state["model"])
+        if self.identity is not None:
+            self.identity.load_state_dict(state["identity"])
         options = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         for group, kept in zip(self.optimizer.param_groups, options):
@@ -85,7 +96,15 @@ class TrainStep:
             embeddings = self.net(images)
         embeddings, labels = gather_batch(embeddings.float(), labels)
         loss, stats = self.loss_fn(embeddings, labels)
+        neck = getattr(self.model, "neck", None)  # a ReidModel's BNNeck (any network trains)
+        retrieval = embeddings if neck is None else neck(embeddings)
+        if self.identity is not None:
+            extra, extra_stats = self.identity(embeddings, retrieval, labels)
+            loss = loss + extra
+            stats = {**stats, **extra_stats, "total_loss": loss.detach()}
         self.optimizer.zero_grad(set_to_none=True)
+        if self.center_optimizer is not None:
+            self.center_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss, stats
 
@@ -93,6 +112,9 @@ class TrainStep:
         """:meth:`forward_backward`, then the optimizer step at the current learning rate."""
         _, stats = self.forward_backward(images, labels)
         self.optimizer.step()
+        if self.center_optimizer is not None:  # BoT: the centers learn at their own rate, unweighted
+            self.identity.centers.grad.mul_(1 / self.identity.center_weight)
+            self.center_optimizer.step()
         return stats
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
@@ -154,7 +176,7 @@ class GraphedTrainStep(TrainStep):
         static_labels = torch.empty(labels.shape, dtype=labels.dtype, device=self.device)
         static_images.copy_(images)
         static_labels.copy_(labels)
-        with rolled_back(self.model, self.optimizer), warnings.catch_warnings():
+        with rolled_back(self.trained, self.optimizer), warnings.catch_warnings():
             # Adam says capturable=True is slow outside a graph; the warm-up must run outside one
             warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
             with _side_stream(self.device):
@@ -245,18 +267,28 @@ def use_cuda_graph(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.cuda_graph
 
 
-def _adam(model: ReidModel, cfg: TrainConfig, device: torch.device, *, graphed: bool) -> torch.optim.Adam:
+def _adam(
+    model: ReidModel,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    graphed: bool,
+    identity: IdentityLosses | None,
+) -> torch.optim.Adam:
     """triplet-reid's Adam (with BoT's weight decay when set); on a GPU fused, with a device-tensor lr,
     capturable when graphed."""
-    params = [p for p in model.parameters() if p.requires_grad]  # not the BNNeck's frozen bias
+    classifier = identity.classifier if identity is not None else None
+    trained = [*model.parameters(), *(classifier.parameters() if classifier is not None else [])]
+    params = [p for p in trained if p.requires_grad]  # not the BNNeck's frozen bias; centers use SGD
     if device.type != "cuda":
         return torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     lr = torch.tensor(cfg.learning_rate, device=device)
     return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=graphed)
 
 
-def build_step(cfg: TrainConfig, device: torch.device) -> TrainStep:
-    """Seeded model, loss and Adam for ``cfg`` on ``device``, graphed or eager (see ``cfg.cuda_graph``)."""
+def build_step(cfg: TrainConfig, device: torch.device, *, num_ids: int = 0) -> TrainStep:
+    """Seeded model, loss and Adam for ``cfg`` on ``device``, graphed or eager (see ``cfg.cuda_graph``);
+    with BoT's identity losses, a classifier over ``num_ids`` training identities and their centers."""
     graphed = use_cuda_graph(cfg, device)
     torch.manual_seed(cfg.seed)
     model = create_model(
@@ -267,9 +299,14 @@ def build_step(cfg: TrainConfig, device: torch.device) -> TrainStep:
         bnneck=cfg.bnneck,
         last_stride=cfg.last_stride,
     )
+    if model.neck is not None and not cfg.id_loss_weight:
+        model.neck.weight.requires_grad_(False)  # only an ID loss trains the neck (DDP: no unused params)
+    identity = identity_losses(cfg, model.embedding_dim, num_ids)
     on_gpu = device.type == "cuda"
     channels_last = on_gpu if cfg.channels_last is None else cfg.channels_last
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if identity is not None:
+        identity.to(device)
     loss_fn = TripletLoss(margin=cfg.margin, metric=cfg.metric, mining=cfg.loss, precision_k=cfg.batch_k - 1)
     precision = resolve_precision(cfg, device)
     if on_gpu:
@@ -278,9 +315,11 @@ def build_step(cfg: TrainConfig, device: torch.device) -> TrainStep:
     return kind(
         model,
         loss_fn,
-        _adam(model, cfg, device, graphed=graphed),
+        _adam(model, cfg, device, graphed=graphed, identity=identity),
         device=device,
         bf16=precision == "bf16",
         channels_last=channels_last,
         compile=cfg.compile,
+        identity=identity,
+        center_lr=cfg.center_lr,
     )

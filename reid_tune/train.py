@@ -145,7 +145,7 @@ def train(
     rank, world = rank_and_world()
     device = resolve_device(cfg.device)
     dataset = load_training_set(cfg)
-    step_fn = build_step(cfg, device)
+    step_fn = build_step(cfg, device, num_ids=len(set(dataset.pids.tolist())))
     batches = open_batches(
         dataset,
         cfg,
@@ -211,7 +211,9 @@ def _loop(
 
             # checkpoint: periodically, at the end, and when asked to stop
             if done % cfg.checkpoint_frequency == 0 or done == cfg.train_iterations or stop.set:
-                last = save_checkpoint(run_dir, done, step_fn.model, step_fn.optimizer, cfg) if main else None
+                last = save_checkpoint(
+                    run_dir, done, step_fn.model, step_fn.optimizer, cfg, identity=step_fn.identity
+                ) if main else None
                 callback.on_checkpoint(done, last, step_fn.model)
                 step_fn.net.train()
             if stop.set:

@@ -102,7 +102,7 @@ def test_a_run_whose_gpu_features_fail_trains_as_without_them(
     monkeypatch.setattr(steps, "_side_stream", same_stream)
     monkeypatch.setattr(GraphedTrainStep, "_record", failing_record)
     monkeypatch.setattr(
-        train_module, "build_step", lambda cfg, device: graphed_on_cpu(build_step(cfg, device))
+        train_module, "build_step", lambda cfg, device, **kw: graphed_on_cpu(build_step(cfg, device, **kw))
     )
     monkeypatch.setattr(gpu_data, "decode_cache", out_of_memory)
     record = RecordFallbacks()

@@ -16,7 +16,8 @@ from reid_tune.train import train
 
 # BoT's options that change the network, the optimizer and the schedule (decayed within the 6 iterations)
 BOT_OPTIONS = {"bnneck": True, "weight_decay": 5e-4, "schedule": "multistep", "milestones": (0.5, 0.8),
-               "decay_factor": 0.1, "warmup_iterations": 2, "random_erasing": 0.5}
+               "decay_factor": 0.1, "warmup_iterations": 2, "random_erasing": 0.5, "id_loss_weight": 1.0,
+               "label_smoothing": 0.1, "center_loss_weight": 5e-4}
 
 
 @pytest.mark.parametrize(("data_path", "options"),
