@@ -72,6 +72,23 @@ def test_shipped_files_parse(name: str) -> None:
     assert spec.start_points()[0] == PAPER_POINT  # the paper's settings are tried first
 
 
+def test_market_bot_starts_from_bots_settings(demo_data: Path) -> None:
+    """market_bot.yaml: its first trial is BoT's recipe (a baseline), every trick on; the trial's
+    TrainConfig is BoT's (multi-step at epochs 40 and 70 of 120, warm-up over 10 epochs)."""
+    document, file = read_yaml(SPACES / "market_bot.yaml")
+    spec = parse_spec(document, file)
+    for check in (check_train, check_space, check_points):
+        check(spec, file)
+    point = spec.start_points()[0]
+    fixed = {name: param.values[0] for name, param in spec.params.items() if not param.searched}
+    cfg = train_config(spec, {**fixed, **point}, demo_data / "market1501_train.csv")
+    assert (cfg.batch_p, cfg.batch_k, cfg.margin, cfg.learning_rate) == (16, 4, 0.3, 3.5e-4)
+    assert (cfg.schedule, cfg.milestones, cfg.decay_factor) == ("multistep", (0.333, 0.583), 0.1)
+    assert (cfg.warmup_iterations, cfg.warmup_factor, cfg.weight_decay) == (1992, 0.1, 5e-4)
+    assert (cfg.id_loss_weight, cfg.label_smoothing, cfg.bnneck, cfg.last_stride) == (1.0, 0.1, True, 1)
+    assert cfg.random_erasing == 0.5
+
+
 def test_market_centres_on_the_paper() -> None:
     path = SPACES / "market.yaml"
     spec = parse_spec(*read_yaml(path))
@@ -112,7 +129,17 @@ def test_valid_file_loads_with_absolute_paths(
         (lambda d: d["space"].update(batch_k={"uniform": [2, 4]}), "batch_k:", "integers"),
         (lambda d: d["space"].update(margin={"choice": ["hard"]}), "margin:", ">= 0, 'soft' or 'none'"),
         (lambda d: d["space"].update(margin=-1), "margin:", "margin=-1: expected a number"),
-        (lambda d: d["space"].update(warmup={"int": [1, 2]}), "warmup", "unknown parameter"),
+        (lambda d: d["space"].update(momentum={"int": [1, 2]}), "momentum", "unknown parameter"),
+        (lambda d: d["train"].update(schedule="multistep"), "decay_start:", "not used by schedule multistep"),
+        (lambda d: d["train"].update(milestones=[0.3, 0.6]), "milestones", "with multistep only"),
+        (
+            lambda d: (d["space"].pop("decay_start"), d["space"].update(schedule={"choice": ["cosine"]})),
+            "space:",
+            "missing decay_start, which schedule cosine reads",
+        ),
+        (lambda d: d["space"].update(bnneck={"uniform": [0, 1]}), "bnneck:", "takes bool values"),
+        (lambda d: d["space"].update(label_smoothing=1.5), "label_smoothing:", "must be in [0, 1)"),
+        (lambda d: d["space"].update(schedule={"choice": ["step"]}), "schedule:", "schedule='step': unknown"),
         (lambda d: d["space"].pop("lr"), "space:", "missing lr"),
         (lambda d: d["space"].update(decay_start={"normal": [0, 1]}), "decay_start:", "expected one of"),
         (
@@ -442,3 +469,27 @@ def test_hold_out_is_seeded_and_queries_across_cameras(data: Path, tmp_path: Pat
         assert len(cams) == len(set(cams.tolist())) == 3
     write_split(split, tmp_path)
     assert list(load_split(tmp_path, "market1501").query.fids) == list(split.query.fids)
+
+
+def test_bot_tricks_and_schedules_are_search_dimensions(tmp_path: Path, demo_data: Path) -> None:
+    """BoT's tricks searched as choices and ranges, the schedule searched as a choice: a trial's TrainConfig
+    takes the sampled values (warm-up as a fraction of the iterations, milestones fixed under train:)."""
+    document = search_document(demo_data, "bot", train={"milestones": [0.3, 0.6], "train_iterations": 100})
+    document["search"]["start_points"] = []
+    document["space"].update(
+        batch_p={"int": [2, 6]},
+        schedule={"choice": ["exponential", "multistep"]},
+        bnneck={"choice": [True, False]},
+        id_loss_weight={"choice": [0, 1]},
+        label_smoothing={"uniform": [0.0, 0.2]},
+        random_erasing=0.5,
+        warmup=0.1,
+    )
+    spec = load_spec(write_yaml(tmp_path / "bot.yaml", document))
+    sampled = {"batch_p": 4, "batch_k": 2, "margin": "soft", "lr": 3e-4, "decay_start": 0.5,
+               "decay_factor": 0.1, "schedule": "multistep", "bnneck": True, "id_loss_weight": 1,
+               "label_smoothing": 0.1}
+    cfg = train_config(spec, sampled, demo_data / "market1501_train.csv")
+    assert (cfg.schedule, cfg.milestones, cfg.decay_factor) == ("multistep", (0.3, 0.6), 0.1)
+    assert (cfg.bnneck, cfg.id_loss_weight, cfg.label_smoothing, cfg.random_erasing) == (True, 1.0, 0.1, 0.5)
+    assert cfg.warmup_iterations == 10 and cfg.decay_start_iteration == 50

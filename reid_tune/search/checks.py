@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from reid_tune.config import TrainConfig, config_from_dict
 from reid_tune.errors import ReidTuneError, SpaceError
-from reid_tune.search.schema import BASELINE_KEY, STR_PARAMS, Param, SearchSpec
+from reid_tune.search.schema import BASELINE_KEY, SCHEDULE_USES, STR_PARAMS, Param, SearchSpec
 from reid_tune.search.storage import STORAGE_SCHEMES, is_uri
 from reid_tune.vocabulary import HEADS, NETWORKS
 
@@ -31,6 +31,7 @@ _NOT_FIXED = {
     "learning_rate",
     "decay_start_iteration",
     "decay_factor",
+    "warmup_iterations",
     "checkpoint_frequency",
     "keep_checkpoints",
 }
@@ -91,10 +92,27 @@ def _train_options(options: dict[str, Any], file: SpecFile) -> None:
 
 
 def check_space(spec: SearchSpec, file: SpecFile) -> None:
-    """No searched parameter is also fixed under ``train:``."""
+    """No searched parameter is also fixed under ``train:``, and each schedule's parameters are given when
+    a schedule the search can run reads them, and only then."""
     for name in spec.space:
         if name in spec.train.options():
             file.error(("space", name), "also fixed under train:; give it in one place")
+    schedules = _schedules(spec)
+    used = {name for schedule in schedules for name in SCHEDULE_USES[schedule]}
+    listed = f"schedule {' or '.join(schedules)}"
+    if "decay_start" in spec.params and "decay_start" not in used:
+        file.error(("space", "decay_start"), f"not used by {listed}, expected no decay_start")
+    if "milestones" in spec.train.options() and "milestones" not in used:
+        file.error(("train", "milestones"), f"not used by {listed}, expected milestones with multistep only")
+    if "decay_start" in used and "decay_start" not in spec.params:
+        file.error(("space",), f"missing decay_start, which {listed} reads")
+
+
+def _schedules(spec: SearchSpec) -> tuple[str, ...]:
+    """The decay schedules the search's trials can run: searched, fixed under ``train:``, or the default."""
+    if "schedule" in spec.params:
+        return tuple(spec.params["schedule"].values)
+    return (spec.train.options().get("schedule", "exponential"),)
 
 
 def check_workers(spec: SearchSpec, file: SpecFile) -> None:

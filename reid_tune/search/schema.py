@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from reid_tune.config import TrainConfig
+from reid_tune.config import TrainConfig, config_from_dict
 from reid_tune.errors import ConfigError
 from reid_tune.vocabulary import CONVENTIONS, is_int, is_number, parse_margin
 
@@ -29,10 +29,25 @@ PAPER_POINT: dict[str, Any] = {
 
 # Searchable names, what kind of value each takes, and which ones a space must give.
 INT_PARAMS = ("batch_p", "batch_k", "embedding_dim")
-FLOAT_PARAMS = ("lr", "decay_start", "decay_factor")
+FLOAT_PARAMS = ("lr", "decay_start", "decay_factor", "warmup")
 STR_PARAMS = ("head", "network")
-KNOWN_PARAMS = INT_PARAMS + FLOAT_PARAMS + STR_PARAMS + ("margin",)
-REQUIRED_PARAMS = ("batch_p", "batch_k", "margin", "lr", "decay_start", "decay_factor")
+# TrainConfig options searched under their own names and checked as TrainConfig checks them: the decay
+# schedule and BoT's tricks (Luo et al. 2019). Numbers take ranges; words, booleans and strides a choice.
+OPTION_PARAMS = (
+    "schedule",
+    "weight_decay",
+    "id_loss_weight",
+    "label_smoothing",
+    "bnneck",
+    "last_stride",
+    "random_erasing",
+    "center_loss_weight",
+    "warmup_factor",
+)
+KNOWN_PARAMS = INT_PARAMS + FLOAT_PARAMS + STR_PARAMS + OPTION_PARAMS + ("margin",)
+REQUIRED_PARAMS = ("batch_p", "batch_k", "margin", "lr", "decay_factor")  # decay_start: per schedule
+# The parameters (in space:) or options (under train:) each decay schedule reads besides decay_factor.
+SCHEDULE_USES = {"exponential": ("decay_start",), "cosine": ("decay_start",), "multistep": ("milestones",)}
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 PARAM_ERROR = "param"  # the pydantic error type of a bad ``space:`` entry (its message names the value)
 
@@ -107,6 +122,8 @@ def _check_range(param: Param) -> None:
         raise ConfigError(f"loguniform [{low}, {high}]: expected low > 0")
     if param.kind == "int" and param.name not in INT_PARAMS:
         raise ConfigError(f"int range: {param.name} is not an integer option")
+    if param.name in OPTION_PARAMS and _option_type(param.name) != "float":
+        raise ConfigError(f"{param.kind}: {param.name} takes {_option_type(param.name)} values (use choice)")
     if param.kind in ("uniform", "loguniform") and param.name in INT_PARAMS + STR_PARAMS:
         raise ConfigError(
             f"{param.kind}: {param.name} takes {'integers' if param.name in INT_PARAMS else 'names'}"
@@ -120,6 +137,9 @@ def _check_value(name: str, value: Any) -> None:
     if name == "margin":
         parse_margin(value)
         return
+    if name in OPTION_PARAMS:
+        config_from_dict({name: value}, source="space")
+        return
     if name in INT_PARAMS:
         ok = is_int(value) and value >= (2 if name.startswith("batch") else 1)
         expected = "an integer >= 2" if name.startswith("batch") else "an integer >= 1"
@@ -127,12 +147,17 @@ def _check_value(name: str, value: Any) -> None:
         ok, expected = isinstance(value, str), f"a {name} name"
     elif name == "lr":
         ok, expected = is_number(value) and value > 0, "a number > 0"
-    elif name == "decay_start":
+    elif name in ("decay_start", "warmup"):
         ok, expected = is_number(value) and 0 <= value <= 1, "a fraction of the iterations in [0, 1]"
     else:  # decay_factor
         ok, expected = is_number(value) and 0 < value <= 1, "a number in (0, 1]"
     if not ok:
         raise ConfigError(f"{value!r}: expected {expected}")
+
+
+def _option_type(name: str) -> str:
+    """The type TrainConfig declares for option ``name`` ('float', 'bool', 'int', 'str')."""
+    return next(f.type for f in fields(TrainConfig) if f.name == name)
 
 
 def parse_space(space: dict[str, Any]) -> dict[str, Param]:
@@ -297,8 +322,10 @@ class SearchSpec(_Strict):
 
     def written_points(self) -> list[dict[str, Any]]:
         """The starting points as written, with ``paper`` spelled out: the paper's settings, and for a
-        searched ``embedding_dim``, ``head`` or ``network`` TriNet's (TrainConfig's defaults)."""
-        trinet = {f.name: f.default for f in fields(TrainConfig) if f.name in INT_PARAMS[2:] + STR_PARAMS}
+        searched ``embedding_dim``, ``head``, ``network``, schedule or BoT trick TriNet's (TrainConfig's
+        defaults: the exponential schedule, every trick off)."""
+        named = INT_PARAMS[2:] + STR_PARAMS + OPTION_PARAMS
+        trinet = {f.name: f.default for f in fields(TrainConfig) if f.name in named}
         searched = {k: v for k, v in trinet.items() if k in self.params and self.params[k].searched}
         paper = {**PAPER_POINT, **searched}
         return [paper if p == "paper" else p for p in self.search.start_points]

@@ -32,7 +32,7 @@ from reid_tune.search.checks import (
     check_train,
     check_workers,
 )
-from reid_tune.search.schema import INT_PARAMS, PARAM_ERROR, STR_PARAMS, SearchSpec
+from reid_tune.search.schema import INT_PARAMS, OPTION_PARAMS, PARAM_ERROR, STR_PARAMS, SearchSpec
 from reid_tune.search.storage import absolute
 from reid_tune.vocabulary import parse_margin
 
@@ -160,6 +160,10 @@ def validation_split(spec: SearchSpec) -> ValidationSplit:
     )
 
 
+# Parameters given as fractions of the training iterations, and the TrainConfig option each one sets.
+ITERATION_FRACTIONS = {"decay_start": "decay_start_iteration", "warmup": "warmup_iterations"}
+
+
 def train_config(spec: SearchSpec, sampled: dict[str, Any], train_set: Path) -> TrainConfig:
     """The TrainConfig of one trial: fixed options, sampled values, and its reduced training list."""
     values = {name: param.values[0] for name, param in spec.params.items() if not param.searched}
@@ -172,10 +176,14 @@ def train_config(spec: SearchSpec, sampled: dict[str, Any], train_set: Path) -> 
         "batch_k": values["batch_k"],
         "margin": parse_margin(values["margin"]),
         "learning_rate": float(values["lr"]),
-        "decay_start_iteration": round(values["decay_start"] * spec.train.train_iterations),
         "decay_factor": float(values["decay_factor"]),
         "checkpoint_frequency": spec.train.validate_every,
         "keep_checkpoints": 1,  # in the worker's scratch folder; Ray Train keeps the best ones
-        **{k: values[k] for k in INT_PARAMS[2:] + STR_PARAMS if k in values},
+        **{
+            option: round(values[name] * spec.train.train_iterations)
+            for name, option in ITERATION_FRACTIONS.items()
+            if name in values
+        },
+        **{k: values[k] for k in INT_PARAMS[2:] + STR_PARAMS + OPTION_PARAMS if k in values},
     }
     return config_from_dict(options, source="trial")
