@@ -88,11 +88,14 @@ def test_each_vocabulary_is_implemented_exactly() -> None:
     from reid_tune.losses import MINERS
     from reid_tune.models import list_heads, list_networks
     from reid_tune.schedules import _DECAY
+    from reid_tune.search.keys import SHORT_NAMES
+    from reid_tune.search.schema import KNOWN_PARAMS
 
     assert tuple(AGGREGATE) == vocabulary.AGGREGATORS
     assert tuple(_CONVERTERS) == vocabulary.DATASET_KINDS
     assert tuple(MINERS) == vocabulary.LOSSES
     assert tuple(_DECAY) == vocabulary.SCHEDULES
+    assert set(SHORT_NAMES) == set(KNOWN_PARAMS)  # every space name has its column in the trial tables
     assert list_networks() == sorted(vocabulary.NETWORKS) and list_heads() == sorted(vocabulary.HEADS)
     assert set(vocabulary.CAMERA_EXCLUDERS) <= set(vocabulary.CONVENTIONS) <= set(vocabulary.EXCLUDERS)
 

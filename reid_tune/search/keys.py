@@ -102,4 +102,14 @@ SHORT_NAMES = {
     "embedding_dim": "dim",
     "head": "head",
     "network": "network",
-}  # a searched parameter's column in the trial tables and its name in trial descriptions
+    "warmup": "warmup",
+    "schedule": "schedule",
+    "warmup_factor": "warm*",
+    "weight_decay": "wd",
+    "id_loss_weight": "id",
+    "label_smoothing": "smooth",
+    "bnneck": "bnneck",
+    "last_stride": "stride",
+    "random_erasing": "erase",
+    "center_loss_weight": "center",
+}  # a searched parameter's column in the trial tables and its name in trial descriptions (every space name)
