@@ -29,10 +29,10 @@ from reid_tune.config import TrainConfig
 from reid_tune.datasets import ReidDataset, load_image
 from reid_tune.devices import resolve_precision
 from reid_tune.doctor.report import FAIL, PASS, SKIPPED, Outcome, Result, attempt
-from reid_tune.doctor.target import Target
+from reid_tune.doctor.target import Target, trial_step
 from reid_tune.gpu_data import DeviceBatches, cache_image_size, step_seed
 from reid_tune.sampler import shard_batch
-from reid_tune.steps import TrainStep, build_step
+from reid_tune.steps import TrainStep
 from reid_tune.training_data import PKBatches, batch_stream
 from reid_tune.vocabulary import LOSSES
 
@@ -165,7 +165,7 @@ def capture_beside_pinning(target: Target) -> Outcome:
     """Graphed steps fed by the CPU data path (worker processes, pinned batches): the capture is
     thread-local, so the pin-memory thread cannot break it."""
     cfg, device = target.cfg.replace(cuda_graph=True), _device(target)
-    graphed = build_step(cfg, device)
+    graphed = trial_step(cfg, device)
     stream = batch_stream(PKBatches(target.dataset, cfg), 0, num_workers=1, pin=True)
     for _, images, labels in itertools.islice(stream, STEPS):
         graphed(images.to(device, non_blocking=True), labels.to(device, non_blocking=True), cfg.learning_rate)
@@ -180,9 +180,9 @@ def cpu_run_resumed_on_gpu(target: Target) -> Outcome:
     (channels_last parameters, fused Adam): the moments take their parameters' layout, the graph captures."""
     cfg, device = target.cfg, _device(target)
     images, labels = first_batch(target)
-    cpu = build_step(cfg.replace(device="cpu", cuda_graph=False), torch.device("cpu"))
+    cpu = trial_step(cfg.replace(device="cpu", cuda_graph=False), torch.device("cpu"))
     cpu(images.cpu(), labels.cpu(), cfg.learning_rate)
-    graphed = build_step(cfg.replace(cuda_graph=True), device)
+    graphed = trial_step(cfg.replace(cuda_graph=True), device)
     graphed.load_state({"model": cpu.model.state_dict(), "optimizer": cpu.optimizer.state_dict()})
     loss = float(graphed(images, labels, cfg.learning_rate)["loss_mean"])
     state = graphed.optimizer.state
@@ -198,8 +198,8 @@ def _graphed_against_eager(target: Target, cfg: TrainConfig) -> Outcome:
     device = _device(target)
     images, labels = first_batch(target)
     with _same_kernels():
-        eager = build_step(cfg.replace(cuda_graph=False), device)
-        graphed = build_step(cfg.replace(cuda_graph=True), device)
+        eager = trial_step(cfg.replace(cuda_graph=False), device)
+        graphed = trial_step(cfg.replace(cuda_graph=True), device)
         torch.backends.cudnn.benchmark = False
         status, detail = compare_steps(
             eager,
@@ -288,7 +288,7 @@ def bf16_forward(target: Target) -> Outcome:
             f"the trial trains in {precision} on {device.type} (precision {cfg.precision}); "
             f"--precision bf16 checks bf16 here"
         )
-    step = build_step(cfg.replace(cuda_graph=False), device)
+    step = trial_step(cfg.replace(cuda_graph=False), device)
     images = first_batch(target)[0].contiguous(memory_format=step.memory_format)
     model = step.model.eval()
     with torch.no_grad():
@@ -317,7 +317,7 @@ def _ddp_worker(
     dist.init_process_group("nccl", init_method=init, rank=rank, world_size=2)
     try:
         device = torch.device("cuda", rank)
-        step = build_step(cfg.replace(device=str(device)), device)
+        step = trial_step(cfg.replace(device=str(device)), device)
         step.distribute()
         mine = shard_batch(
             np.arange(len(labels)), batch_p=cfg.batch_p, batch_k=cfg.batch_k, rank=rank, world_size=2
@@ -336,7 +336,7 @@ def ddp_step(target: Target) -> Outcome:
     loss and gradients, as every anchor mines the whole batch."""
     cfg = target.cfg.replace(device="cuda:0", cuda_graph=False)
     images, labels = first_batch(target)
-    single = build_step(cfg, torch.device(cfg.device))
+    single = trial_step(cfg, torch.device(cfg.device))
     loss = float(single.forward_backward(images, labels)[0].detach())
     with tempfile.TemporaryDirectory(prefix="reid-tune-doctor-ddp-") as folder:
         out = Path(folder) / "rank0.pt"

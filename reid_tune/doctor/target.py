@@ -14,6 +14,7 @@ import torch
 from reid_tune.config import TrainConfig
 from reid_tune.datasets import ReidDataset, load_csv
 from reid_tune.devices import resolve_device, resolve_precision
+from reid_tune.steps import TrainStep, build_step
 
 if TYPE_CHECKING:  # pydantic and pyarrow: only with a search-space file
     from reid_tune.search.schema import Param, SearchSpec
@@ -28,6 +29,12 @@ DEFAULT_TRIAL: dict[str, Any] = {
     "batch_p": 18,
     "batch_k": 4,
 }
+
+
+def trial_step(cfg: TrainConfig, device: torch.device) -> TrainStep:
+    """The trial's step for the doctor's batches, whose labels are the first ``batch_p`` identities (what
+    BoT's classifier and centers are sized for)."""
+    return build_step(cfg, device, num_ids=cfg.batch_p)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,7 @@ from reid_tune.config import TrainConfig
 from reid_tune.doctor import report
 from reid_tune.doctor.checks import gpus_for, needs_gpus
 from reid_tune.doctor.report import FAIL, PASS, Outcome, Result, attempt
-from reid_tune.doctor.target import Target
-from reid_tune.steps import build_step
+from reid_tune.doctor.target import Target, trial_step
 
 if TYPE_CHECKING:
     from multiprocessing.queues import SimpleQueue
@@ -44,7 +43,7 @@ def step_rate(
     """Images/s of ``cfg``'s step over ``steps`` timed calls, repeated until ``seconds`` have passed
     (``ready`` is waited for before the clock starts), and a note if a CUDA graph fell back to eager."""
     device = torch.device(cfg.device)
-    step = build_step(cfg, device)
+    step = trial_step(cfg, device)
     images = torch.randn(cfg.batch_size, 3, *cfg.input_size, device=device)
     images = images.contiguous(memory_format=step.memory_format)
     labels = torch.arange(cfg.batch_p, device=device).repeat_interleave(cfg.batch_k)
