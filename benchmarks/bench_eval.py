@@ -4,6 +4,8 @@
     python benchmarks/bench_eval.py --msmt     # + MSMT17 size (11,659 x 82,161), ours only
     python benchmarks/bench_eval.py --smoke    # tiny sizes, a few seconds (CI)
     python benchmarks/bench_eval.py --device cuda
+    python benchmarks/bench_eval.py --rerank   # k-reciprocal re-ranking: Market size (+ --msmt), and
+                                               # against the authors' numpy at a size it can hold
 
 Needs PyTorch, numpy and scikit-learn only. The data are random but shaped like the real test
 sets: test identities seen by several cameras, junk ('-1') and distractors ('0000') in the gallery,
@@ -23,13 +25,17 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import torch
-
 import reference_eval
+import reference_rerank
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's reid_tune, uninstalled
 
+from reid_tune.distances import cdist_matmul  # noqa: E402
 from reid_tune.evaluate import EvalResult, evaluate  # noqa: E402
+from reid_tune.rerank import rerank  # noqa: E402
+
+RERANK_REFERENCE_SIZE = (1000, 4000)  # queries, gallery: the reference holds dense N x N float32 matrices
 
 TOLERANCE = 1e-6
 T = TypeVar("T")
@@ -172,6 +178,30 @@ def run(size: Size, *, device: str, repeats: int, with_reference: bool) -> list[
     return rows
 
 
+def rerank_rows(sizes: list[Size], *, device: str, reference_size: tuple[int, int]) -> list[str]:
+    """Re-ranking alone (peak memory is this process's, so run it without the evaluation tables): ours
+    at each size, then ours against the authors' implementation at a size it can hold."""
+    rows = []
+    for size in sizes:
+        gen = torch.Generator().manual_seed(0)
+        query, gallery = (torch.randn(n, 128, generator=gen).to(device) for n in
+                          (size.num_queries, size.num_gallery))
+        before = _peak_rss_mib()
+        _, wall, cpu = timed(lambda: rerank(query, gallery), device=device)
+        rows.append(f"{size.name} {size.num_queries}x{size.num_gallery} | ours {wall:.1f} s ({cpu:.1f} CPU s)"
+                    f" | host +{_peak_rss_mib() - before:.0f} MiB (peak {_peak_rss_mib() / 1024:.2f} GiB)")
+    q_n, g_n = reference_size
+    gen = torch.Generator().manual_seed(1)
+    query, gallery = torch.randn(q_n, 128, generator=gen), torch.randn(g_n, 128, generator=gen)
+    ours, ours_s, _ = timed(lambda: rerank(query, gallery), device="cpu")
+    dists = [cdist_matmul(a, b).numpy() for a, b in ((query, gallery), (query, query), (gallery, gallery))]
+    want, ref_s, _ = timed(lambda: reference_rerank.re_ranking(*dists, 20, 6, 0.3), device="cpu")
+    diff = float(np.max(np.abs(ours.numpy() - want)))
+    rows.append(f"reference size {q_n}x{g_n} | ours {ours_s:.2f} s, authors' numpy {ref_s:.2f} s: "
+                f"{ref_s / ours_s:.0f}x | max |diff| {diff:.1e}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,7 +213,16 @@ def main(argv: list[str] | None = None) -> int:
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of ours after a warm-up (the best is kept)")
+    parser.add_argument("--rerank", action="store_true", help="time k-reciprocal re-ranking instead")
+    parser.add_argument("--reference-size", default="x".join(map(str, RERANK_REFERENCE_SIZE)),
+                        help="QxG of the re-ranking comparison with the authors' code (3368x19732: 13 GiB)")
     args = parser.parse_args(argv)
+    if args.rerank:
+        sizes = [SMOKE] if args.smoke else [MARKET] + ([MSMT] if args.msmt else [])
+        reference_size = (40, 160) if args.smoke else tuple(map(int, args.reference_size.split("x")))
+        for row in rerank_rows(sizes, device=args.device, reference_size=reference_size):
+            print(row)
+        return 0
     plan = [(SMOKE, True)] if args.smoke else [(MARKET, True)]
     if args.msmt and not args.smoke:
         plan.append((MSMT, args.msmt_reference))

@@ -192,13 +192,22 @@ def embed(run_dir: Path | None, model_uri: str | None, checkpoint: int | None, d
 @click.option("--market-ap", is_flag=True, help="The official Market-1501 (MATLAB) trapezoid AP.")
 @click.option("--out", type=click.Path(path_type=Path), help="JSON with mAP, CMC, aps, mINP.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--rerank", is_flag=True, help="k-reciprocal re-ranking (Zhong et al. 2017).")
+@click.option("--k1", default=20, show_default=True, type=click.IntRange(min=1), help="Re-ranking: k1.")
+@click.option("--k2", default=6, show_default=True, type=click.IntRange(min=1), help="Re-ranking: k2.")
+@click.option("--lambda-value", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+              help="Re-ranking: weight of the original distance.")
 def evaluate(query_dataset: Path, query_embeddings: Path, gallery_dataset: Path, gallery_embeddings: Path,
-             excluder: str, metric: str, market_ap: bool, out: Path | None, device: str | None) -> None:
+             excluder: str, metric: str, market_ap: bool, out: Path | None, device: str | None, rerank: bool,
+             k1: int, k2: int, lambda_value: float) -> None:
     """CMC, mAP and mINP of query embeddings against a gallery, as triplet-reid's evaluate.py."""
     from reid_tune.evaluate import evaluate_files
+    from reid_tune.rerank import Rerank
 
+    options = Rerank(k1, k2, lambda_value) if rerank else None
     result = evaluate_files(query_dataset, query_embeddings, gallery_dataset, gallery_embeddings,
-                            excluder=excluder, metric=metric, market_ap=market_ap, out_json=out, device=device)
+                            excluder=excluder, metric=metric, market_ap=market_ap, out_json=out, device=device,
+                            rerank=options)
     click.echo(result.summary())
 
 

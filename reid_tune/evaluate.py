@@ -40,6 +40,8 @@ from reid_tune.atomic import write_text
 from reid_tune.datasets import camera_ids, load_csv, pids_from_names
 from reid_tune.distances import cdist
 from reid_tune.errors import ConfigError, ReidTuneError
+from reid_tune.rerank import Rerank
+from reid_tune.rerank import rerank as reranked
 from reid_tune.vocabulary import CAMERA_EXCLUDERS, EXCLUDERS, METRICS, choose
 
 JUNK_PID = "-1"
@@ -131,10 +133,12 @@ def evaluate(
     market_ap: bool = False,
     chunk_size: int = 256,
     device: str | torch.device | None = None,
+    rerank: Rerank | None = None,
 ) -> EvalResult:
     """CMC, mAP and mINP of ``query_embs`` (Q, D) retrieving from ``gallery_embs`` (G, D).
 
-    Pids and fids are string arrays; see the module docstring for the exact semantics.
+    Pids and fids are string arrays; see the module docstring for the exact semantics. With ``rerank``
+    the ranking follows k-reciprocal re-ranked distances (``reid_tune.rerank``) instead of ``metric``'s.
     ``device`` defaults to CUDA when available (see :func:`evaluation_device`); ``chunk_size`` queries
     are processed at a time.
     """
@@ -156,6 +160,11 @@ def evaluate(
             f"evaluate: none of the {len(query_pids)} queries has a valid match in the gallery"
             f" (excluder {excluder!r}), expected at least one"
         )
+    if rerank is not None:  # k-reciprocal distances over the whole gallery, junk included (as the authors)
+        kept = torch.as_tensor(protocol.kept, device=device)
+        dist = reranked(query, gallery, rerank, metric=metric)[:, kept]
+        ap, first, last = _ranked_all(dist.cpu().numpy(), protocol, market_ap=market_ap)
+        return _result(ap, first, last, protocol, gallery_size=len(gallery_pids))
     gallery = gallery[torch.as_tensor(protocol.kept, device=device)]
     ap, first, last = _per_query(query, gallery, protocol, metric=metric, market_ap=market_ap,
                                  chunk_size=chunk_size)
@@ -173,6 +182,7 @@ def evaluate_files(
     market_ap: bool = False,
     out_json: str | Path | None = None,
     device: str | torch.device | None = None,
+    rerank: Rerank | None = None,
 ) -> EvalResult:
     """:func:`evaluate` on triplet-reid's files: ``pid,path`` CSVs and HDF5 files with an ``emb``
     dataset; with ``out_json`` also writes triplet-reid's JSON (plus mINP, rank-k), atomically."""
@@ -186,7 +196,7 @@ def evaluate_files(
             f" as in {query_h5}"
         )
     result = evaluate(query_embs, gallery_embs, query.pids, gallery.pids, query.fids, gallery.fids,
-                      excluder=excluder, metric=metric, market_ap=market_ap, device=device)
+                      excluder=excluder, metric=metric, market_ap=market_ap, device=device, rerank=rerank)
     if out_json is not None:
         write_text(out_json, json.dumps(result.to_json()))
     return result
@@ -437,7 +447,11 @@ def _exact_query(query: torch.Tensor, gallery: torch.Tensor, protocol: _Protocol
                  metric: str, market_ap: bool) -> tuple[float, int, int]:
     """AP, first-match rank (0-based) and hardest rank (1-based) of query ``row`` from exact,
     difference-based distances, ties resolved as sklearn / Market / a stable sort resolve them."""
-    dist = cdist(query[None], gallery, metric)[0].cpu().numpy()
+    return _ranked(cdist(query[None], gallery, metric)[0].cpu().numpy(), protocol, row, market_ap=market_ap)
+
+
+def _ranked(dist: np.ndarray, protocol: _Protocol, row: int, *, market_ap: bool) -> tuple[float, int, int]:
+    """AP, first-match rank and hardest rank of query ``row`` from its distances to the kept gallery."""
     valid = np.ones(len(dist), bool)
     valid[protocol.excluded.of_row(row)] = False
     matches = np.zeros(len(dist), bool)
@@ -447,6 +461,14 @@ def _exact_query(query: torch.Tensor, gallery: torch.Tensor, protocol: _Protocol
     scores = 1 / (1 + dist)
     ap = _market_ap(matches, scores) if market_ap else _sklearn_ap(matches, scores)
     return ap, int(hits[0]), int(hits[-1]) + 1
+
+
+def _ranked_all(dist: np.ndarray, protocol: _Protocol, *, market_ap: bool) -> tuple[np.ndarray, ...]:
+    """AP, first-match and hardest ranks of every query from a (Q, kept gallery) distance matrix."""
+    rows = [_ranked(dist[row], protocol, row, market_ap=market_ap) if len(protocol.positives.of_row(row))
+            else (0.0, 0, 1) for row in range(len(dist))]
+    ap, first, last = (np.array(column) for column in zip(*rows))
+    return ap, first, last
 
 
 def _sklearn_ap(matches: np.ndarray, scores: np.ndarray) -> float:
