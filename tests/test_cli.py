@@ -31,6 +31,11 @@ def test_train_embed_evaluate(demo_data: Path, tmp_path: Path) -> None:
     assert "mAP" in done.stdout and "rank-1" in done.stdout
     result = json.loads((tmp_path / "result.json").read_text())
     assert {"mAP", "CMC", "aps", "mINP"} <= result.keys()
+    done = reid_tune("evaluate", "--query-dataset", demo_data / "market1501_query.csv",
+                     "--query-embeddings", tmp_path / "query.h5", "--gallery-dataset",
+                     demo_data / "market1501_test.csv", "--gallery-embeddings", tmp_path / "test.h5",
+                     "--excluder", "market1501", "--rerank", "--k1", 5, "--k2", 2)
+    assert done.returncode == 0 and "mAP" in done.stdout, done.stderr
 
 
 def test_bad_training_list_is_one_line_and_writes_nothing(tmp_path: Path) -> None:

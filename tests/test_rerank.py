@@ -71,3 +71,10 @@ def test_evaluate_ranks_by_the_reranked_distances() -> None:
     assert abs(plain.mAP - same.mAP) < 1e-6 and np.allclose(plain.cmc, same.cmc)
     reranked = evaluate(*args, excluder="market1501", device="cpu", rerank=Rerank())
     assert reranked.mAP != plain.mAP and 0 < reranked.mAP <= 1
+
+
+def test_the_benchmark_runs_at_smoke_size(capsys: pytest.CaptureFixture[str]) -> None:
+    import bench_eval
+
+    assert bench_eval.main(["--rerank", "--smoke", "--device", "cpu"]) == 0
+    assert "authors' numpy" in capsys.readouterr().out
