@@ -22,6 +22,7 @@ from reid_tune.embed import embed_images, write_h5
 from reid_tune.errors import ReidTuneError
 from reid_tune.evaluate import EvalResult, evaluate
 from reid_tune.models import ReidModel
+from reid_tune.rerank import Rerank
 
 SPLIT_FILES = {"train": "train.csv", "query": "val_query.csv", "gallery": "val_gallery.csv"}
 
@@ -128,8 +129,10 @@ def validate(
     device: str | torch.device = "cpu",
     out_dir: Path | None = None,
     num_workers: int = 0,
+    rerank: Rerank | None = None,
 ) -> EvalResult:
-    """mAP and CMC of the held-out query against its gallery, embedded as ``cfg`` trained the model.
+    """mAP and CMC of the held-out query against its gallery, embedded as ``cfg`` trained the model
+    (ranked by k-reciprocal re-ranking with ``rerank``).
 
     With ``out_dir``, also writes ``val_query.h5`` and ``val_gallery.h5`` (triplet-reid's layout) there.
     """
@@ -151,4 +154,5 @@ def validate(
         excluder=split.excluder,
         metric=cfg.metric,
         device=device,
+        rerank=rerank,
     )

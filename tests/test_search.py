@@ -454,3 +454,13 @@ def test_trials_waiting_for_workers_no_node_can_hold_are_warned_of_once(
     assert len(lines) == 1, lines
     assert lines[0].startswith("warning: trials have waited 0 s for Ray Train workers of 1 CPU, 1 GPU each")
     assert "its nodes: 1 x (3 CPU, 0 GPU); autoscaler node types: none published" in lines[0], lines
+
+
+def test_validation_may_rerank(data: Path, tmp_path: Path) -> None:
+    """validation.rerank: the trials' validation ranks by k-reciprocal re-ranked distances."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    search = {"start_points": ["paper"], "num_samples": 1, "scheduler": {"type": "none"}}
+    space = write_space(tmp_path, data, "reranked", tracking_uri=uri, search=search,
+                        validation={"identities": 3, "seed": 0, "rerank": True})
+    summary = run_search(space)
+    assert summary.paper.full_budget and 0 < summary.paper.val_mAP <= 1

@@ -208,6 +208,7 @@ class ValidationSpec(_Strict):
     identities: Annotated[int, Field(ge=2)] | None = None
     fraction: Annotated[float, Field(gt=0, lt=1)] | None = None
     seed: int = 0
+    rerank: bool = False  # rank the validation by k-reciprocal re-ranked distances (reid_tune.rerank)
 
     @model_validator(mode="after")
     def _one_size(self) -> ValidationSpec:

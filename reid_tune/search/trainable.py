@@ -28,6 +28,7 @@ from reid_tune.config import TrainConfig, config_from_dict
 from reid_tune.datasets import write_csv
 from reid_tune.devices import Fallback, resolve_device
 from reid_tune.models import ReidModel
+from reid_tune.rerank import Rerank
 from reid_tune.search import storage
 from reid_tune.search.keys import (
     FALLBACKS_KEY,
@@ -94,8 +95,11 @@ def gpu_share(spec: SearchSpec) -> float:
 class _Reporter(TrainCallback):
     """Collects the logged statistics; at each checkpoint validates (rank 0) and reports to Ray Train."""
 
-    def __init__(self, cfg: TrainConfig, split: ValidationSplit, sampler: SystemSampler | None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, split: ValidationSplit, sampler: SystemSampler | None, *, rerank: bool
+    ) -> None:
         self.cfg, self.split, self.sampler = cfg, split, sampler
+        self.rerank = Rerank() if rerank else None  # validation.rerank: k-reciprocal re-ranking
         self.records: list[dict[str, float]] = []
         self.fallbacks: dict[str, str] = {}  # MLflow tag -> value, since the last report
 
@@ -121,7 +125,12 @@ class _Reporter(TrainCallback):
             return
         with tempfile.TemporaryDirectory(prefix="reid-checkpoint-") as folder:
             result = validate(
-                model, self.cfg, self.split, device=resolve_device(self.cfg.device), out_dir=Path(folder)
+                model,
+                self.cfg,
+                self.split,
+                device=resolve_device(self.cfg.device),
+                out_dir=Path(folder),
+                rerank=self.rerank,
             )
             shutil.copy2(path, Path(folder) / path.name)
             self.cfg.save(Path(folder) / CONFIG_FILE)
@@ -157,7 +166,7 @@ def train_worker(config: dict[str, Any]) -> None:
             None if restored else local,
             run_dir,
             resume=restored is not None,
-            callback=_Reporter(cfg, split, sampler),
+            callback=_Reporter(cfg, split, sampler, rerank=config["rerank"]),
             gpu_share=config["gpu_share"],
         )
     finally:
@@ -179,6 +188,7 @@ def run_trial(config: dict[str, Any], *, spec: SearchSpec, split: ValidationSpli
         train_loop_config={
             "train_config": trial_config(spec, config).to_dict(),
             "split": split,
+            "rerank": spec.validation.rerank,
             "gpu_share": gpu_share(spec),
             "system_metrics_every_s": spec.mlflow.system_metrics_every_s
             if spec.mlflow.system_metrics
