@@ -9,7 +9,8 @@ erasing (Zhong et al. 2017, as BoT) then blanks a box of the crop to the mean pi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from PIL import Image
 
 from reid_tune.errors import ConfigError
 from reid_tune.vocabulary import CROP_AUGMENTS, choose, is_int
+
+if TYPE_CHECKING:
+    from reid_tune.config import TrainConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -287,6 +291,40 @@ def eval_views(
     array = resized(image, input_hw if crop_augment is None else pre_crop_hw)
     bases = [array[:, ::-1] if flip_suffix else array for flip_suffix in _flip_views(flip_augment)]
     return torch.stack([to_tensor(_crop_view(base, view, input_hw)) for base in bases for view in crops])
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the network's input at test time: RGB, bilinearly resized to ``input_size``
+    (to ``pre_crop_size`` first for test-time crops), scaled to [0, 1], normalised with ImageNet's
+    mean/std, channels first. What an exported model records, so another runtime can feed it."""
+
+    input_size: Size
+    pre_crop_size: Size
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> Preprocessing:
+        """The preprocessing a run's network was trained with."""
+        return cls(cfg.input_size, cfg.pre_crop_size)
+
+    def views(
+        self, image: Image.Image, *, crop_augment: str | None = None, flip_augment: bool = False
+    ) -> torch.Tensor:
+        """:func:`eval_views` of ``image`` with these sizes."""
+        return eval_views(image, input_size=self.input_size, pre_crop_size=self.pre_crop_size,
+                          crop_augment=crop_augment, flip_augment=flip_augment)
+
+    def describe(self) -> dict[str, Any]:
+        """Every step as plain values (JSON-ready), for a file's metadata."""
+        return {
+            "input_size": list(self.input_size),
+            "pre_crop_size": list(self.pre_crop_size),
+            "resize": "bilinear",
+            "channel_order": "RGB",
+            "pixel_scale": 1 / 255,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        }
 
 
 # --- aggregation -----------------------------------------------------------------------------------

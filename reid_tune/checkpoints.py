@@ -25,6 +25,12 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"checkpoint-{step:06d}.pt"
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The iteration a checkpoint's file name records (None for a file named otherwise)."""
+    _, _, digits = Path(path).stem.partition("checkpoint-")
+    return int(digits) if digits.isdigit() else None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoints in ``run_dir``, oldest first."""
     return sorted(Path(run_dir).glob(CHECKPOINT_GLOB))

@@ -143,9 +143,34 @@ def train(train_set: Path | None, image_root: Path | None, run_dir: Path, resume
 # ---------------------------------------------------------------- embed and evaluate
 
 
+def _checkpoint_of(run_dir: Path | None, model_uri: str | None, checkpoint: int | None,
+                   tracking_uri: str | None = None) -> Path:
+    """The checkpoint file that --run-dir (with --checkpoint) or else --model names."""
+    from reid_tune.checkpoints import find_checkpoint
+
+    if model_uri is None:
+        return find_checkpoint(run_dir, checkpoint)
+    if checkpoint is not None:
+        raise ConfigError("--checkpoint: only with --run-dir, expected no --checkpoint with --model")
+    from reid_tune.tracking.registry import download_checkpoint
+
+    return download_checkpoint(model_uri, tracking_uri=tracking_uri)
+
+
+def _one_source(command: str, **given: object) -> None:
+    """Exactly one of the model sources ``given`` (option name -> value or None), else a one-line error."""
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+    if len(named) != 1:
+        raise ConfigError(f"{command}: {', '.join(named) or 'no model'} given, expected exactly one of "
+                          f"{', '.join('--' + name.replace('_', '-') for name in given)}")
+
+
 @cli.command()
 @click.option("--run-dir", type=click.Path(path_type=Path), help="A training run folder.")
 @click.option("--model", "model_uri", help="A registered model instead of a run folder, e.g. models:/NAME@champion.")
+@click.option("--onnx", type=click.Path(path_type=Path), help="A file of `reid-tune export` instead, run by "
+              "ONNX Runtime (preprocessing from its metadata; no PyTorch weights).")
+@click.option("--torchscript", type=click.Path(path_type=Path), help="A TorchScript file instead.")
 @click.option("--checkpoint", type=int, help="Iteration of the checkpoint (default: the newest).")
 @click.option("--dataset", required=True, type=click.Path(path_type=Path), help="CSV (pid,path) to embed.")
 @click.option("--image-root", required=True, type=click.Path(path_type=Path))
@@ -156,27 +181,75 @@ def train(train_set: Path | None, image_root: Path | None, run_dir: Path, resume
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(vocabulary.EMBED_FORMATS), default="h5", show_default=True)
 @click.option("--device", default="auto", show_default=True)
-def embed(run_dir: Path | None, model_uri: str | None, checkpoint: int | None, dataset: Path, image_root: Path,
-          out: Path, flip_augment: bool, crop_augment: str | None, aggregator: str | None, batch_size: int,
-          fmt: str, device: str) -> None:
-    """Embed a data set with a trained network (triplet-reid's HDF5 layout)."""
-    from reid_tune.checkpoints import find_checkpoint, load_model
+def embed(run_dir: Path | None, model_uri: str | None, onnx: Path | None, torchscript: Path | None,
+          checkpoint: int | None, dataset: Path, image_root: Path, out: Path, flip_augment: bool,
+          crop_augment: str | None, aggregator: str | None, batch_size: int, fmt: str, device: str) -> None:
+    """Embed a data set with a trained or exported network (triplet-reid's HDF5 layout)."""
     from reid_tune.devices import resolve_device
     from reid_tune.embed import embed_dataset
 
-    if (run_dir is None) == (model_uri is None):
-        raise ConfigError("embed: --run-dir and --model, expected exactly one of them")
-    if model_uri is not None:
-        from reid_tune.tracking.registry import download_checkpoint
-
-        path = download_checkpoint(model_uri)
-    else:
-        path = find_checkpoint(run_dir, checkpoint)
+    _one_source("embed", run_dir=run_dir, model=model_uri, onnx=onnx, torchscript=torchscript)
     dev = resolve_device(device)
-    model, cfg = load_model(path, device=dev)
-    embed_dataset(model, cfg, dataset, image_root, out, crop_augment=crop_augment, flip_augment=flip_augment,
-                  aggregator=aggregator, batch_size=batch_size, fmt=fmt, device=dev)
+    if onnx is None and torchscript is None:
+        from reid_tune.augmentation import Preprocessing
+        from reid_tune.checkpoints import load_model
+        from reid_tune.embed import embeds_in_bf16
+
+        model, cfg = load_model(_checkpoint_of(run_dir, model_uri, checkpoint), device=dev)
+        prep, bf16 = Preprocessing.of(cfg), embeds_in_bf16(cfg, dev)
+    else:
+        from reid_tune.export import load_exported
+
+        if crop_augment == "avgpool" or checkpoint is not None:
+            option = "--checkpoint" if checkpoint is not None else "--crop-augment avgpool"
+            raise ConfigError(f"{option}: not with an exported model (it takes its input size only), "
+                              "expected --crop-augment center or five")
+        model = load_exported(onnx or torchscript, "onnx" if onnx else "torchscript", device=dev)
+        prep, bf16 = model.preprocessing(), False
+        dev = dev if torchscript else "cpu"  # ONNX Runtime places the work on its own device
+    embed_dataset(model, prep, dataset, image_root, out, crop_augment=crop_augment, flip_augment=flip_augment,
+                  aggregator=aggregator, batch_size=batch_size, fmt=fmt, device=dev, bf16=bf16)
     click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.option("--model", "model_uri", help="A registered model, e.g. models:/NAME@champion (the file is also "
+              "logged on its run).")
+@click.option("--run-dir", type=click.Path(path_type=Path), help="A training run folder instead.")
+@click.option("--checkpoint", type=int, help="Iteration of --run-dir's checkpoint (default: the newest).")
+@click.option("--format", "fmt", type=click.Choice(vocabulary.EXPORT_FORMATS),
+              help="What to write (default: from --out's suffix, .onnx or .pt).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The file to write.")
+@click.option("--dataset", type=click.Path(path_type=Path), help="CSV (pid,path) whose first images check "
+              "parity (default: generated person images).")
+@click.option("--image-root", type=click.Path(path_type=Path), help="Folder of --dataset's paths.")
+@click.option("--parity-images", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Images the parity check embeds.")
+@click.option("--tracking-uri", help="MLflow tracking URI of --model (default: sqlite:///mlflow.db here).")
+def export(model_uri: str | None, run_dir: Path | None, checkpoint: int | None, fmt: str | None, out: Path,
+           dataset: Path | None, image_root: Path | None, parity_images: int,
+           tracking_uri: str | None) -> None:
+    """Export the embedding network to ONNX or TorchScript, preprocessing in its metadata, parity checked."""
+    from reid_tune.export import check_output, export_checkpoint, format_of
+
+    _one_source("export", model=model_uri, run_dir=run_dir)
+    fmt = fmt or format_of(out)
+    check_output(out)
+    source = None
+    if model_uri is not None:  # a registry that lacks the version answers before any work
+        from reid_tune.tracking.registry import model_version
+        from reid_tune.tracking.store import client_for
+
+        version = model_version(client_for(tracking_uri, existing=True), model_uri)
+        source = f"{model_uri} (version {version.version})"
+    path = _checkpoint_of(run_dir, model_uri, checkpoint, tracking_uri)
+    result = export_checkpoint(path, out, fmt=fmt, source=source, dataset=dataset, image_root=image_root,
+                               count=parity_images)
+    click.echo(result.summary())
+    if model_uri is not None:
+        from reid_tune.tracking.registry import log_export
+
+        click.echo(f"{'logged':<11}{log_export(model_uri, out, fmt, tracking_uri=tracking_uri)}")
 
 
 @cli.command()

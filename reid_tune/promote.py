@@ -17,10 +17,11 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from reid_tune.augmentation import Preprocessing
 from reid_tune.checkpoints import find_checkpoint, load_model
 from reid_tune.datasets import load_csv
 from reid_tune.devices import resolve_device
-from reid_tune.embed import embed_dataset
+from reid_tune.embed import embed_dataset, embeds_in_bf16
 from reid_tune.errors import TrackingError
 from reid_tune.evaluate import EvalResult, evaluate_files
 from reid_tune.search.keys import (
@@ -122,7 +123,8 @@ def test_champion(checkpoint: Path, parent: Run, out: Path, *, device: str) -> E
     files = {}
     for role, csv in (("query", query_csv), ("gallery", gallery_csv)):
         files[role] = embed_dataset(
-            model, cfg, csv, image_root, out / f"test_{role}.h5", num_workers=0, device=dev
+            model, Preprocessing.of(cfg), csv, image_root, out / f"test_{role}.h5", num_workers=0, device=dev,
+            bf16=embeds_in_bf16(cfg, dev),
         )
     return evaluate_files(
         query_csv,

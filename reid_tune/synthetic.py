@@ -105,6 +105,18 @@ def generate_demo(
     return [out / csv.name for csv in csvs]
 
 
+def person_images(
+    count: int, size: tuple[int, int], *, seed: int = 0, num_cameras: int = 2
+) -> list[Image.Image]:
+    """``count`` rendered images of new identities (``size`` is height, width), in memory: test input
+    when no data set is at hand (an export's parity check)."""
+    generator = _Generator(np.random.default_rng(seed), size, num_cameras)
+    return [
+        Image.fromarray(generator.render(generator.person(), generator.cameras[i % num_cameras]))
+        for i in range(count)
+    ]
+
+
 def _check_options(
     num_train_ids: int,
     num_test_ids: int,

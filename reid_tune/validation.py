@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reid_tune.augmentation import view_names
+from reid_tune.augmentation import Preprocessing, view_names
 from reid_tune.config import TrainConfig
 from reid_tune.datasets import ReidDataset, camera_ids, load_csv, write_csv
-from reid_tune.embed import embed_images, write_h5
+from reid_tune.embed import embed_images, embeds_in_bf16, write_h5
 from reid_tune.errors import ReidTuneError
 from reid_tune.evaluate import EvalResult, evaluate
 from reid_tune.models import ReidModel
@@ -138,7 +138,8 @@ def validate(
     """
     root = Path(cfg.image_root)
     paths = [root / fid for fid in np.concatenate([split.query.fids, split.gallery.fids])]
-    views = embed_images(model, paths, cfg, device=device, num_workers=num_workers)
+    views = embed_images(model, paths, Preprocessing.of(cfg), device=device, num_workers=num_workers,
+                         bf16=embeds_in_bf16(cfg, device))
     n = len(split.query)
     if out_dir is not None:
         names = view_names()

@@ -17,6 +17,7 @@ DATASET_KINDS = ("market1501", "duke", "cuhk03", "folder")  # what `reid-tune pr
 CROP_AUGMENTS = ("center", "five", "avgpool")  # test-time crops
 AGGREGATORS = ("mean", "normalized_mean")  # how test-time views are combined
 EMBED_FORMATS = ("h5", "csv")
+EXPORT_FORMATS = ("onnx", "torchscript")  # what `reid-tune export` writes
 LOSSES = ("batch_hard", "batch_all")
 SCHEDULES = ("exponential", "multistep", "cosine")  # how the learning rate decays
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")

@@ -26,6 +26,7 @@ TRAIN = (
     "cpu",
 )
 EMBED = ("embed", "--dataset", "query.csv", "--image-root", "images", "--out", "out/q.h5")
+EXPORT = ("export", "--run-dir", "empty", "--out")
 EVALUATE = (
     "evaluate",
     "--query-dataset",
@@ -75,6 +76,16 @@ CASES = [
     ("YAML pretrained file missing", ("no_weights.yaml",), "train.pretrained: '/nowhere/weights.pth'"),
     ("YAML pretrained weights unreachable", ("offline_weights.yaml",), "pretrained: 'imagenet': could not"),
     ("promote without a tracking database", ("promote", "nosuch"), "mlflow.db"),
+    ("export of a run folder without checkpoints", (*EXPORT, "m.onnx"), "empty"),
+    ("export to an unknown format", (*EXPORT, "m.onnx", "--format", "tflite"), "tflite"),
+    ("export to a suffix of no format", (*EXPORT, "m.bin"), "--format"),
+    ("export below a file", (*EXPORT, "query.csv/m.onnx"), "query.csv"),
+    ("export onto a folder", (*EXPORT, "empty", "--format", "onnx"), "is a folder"),
+    ("export without a tracking database", ("export", "--model", "models:/x@champion", "--out", "m.onnx"),
+     "mlflow.db"),
+    ("embed an ONNX file that is none", (*EMBED, "--onnx", "query.csv"), "query.csv: not an ONNX model"),
+    ("embed a missing ONNX file", (*EMBED, "--onnx", "nope.onnx"), "nope.onnx"),
+    ("embed a TorchScript file that is none", (*EMBED, "--torchscript", "query.csv"), "query.csv"),
 ]
 
 

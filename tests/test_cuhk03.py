@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reid_tune.augmentation import Preprocessing
 from reid_tune.checkpoints import load_model
 from reid_tune.config import TrainConfig
 from reid_tune.datasets import load_csv, prepare
@@ -19,7 +20,8 @@ from reid_tune.train import train
 def _val_result(model: ReidModel, cfg: TrainConfig, lists: Path, root: Path) -> EvalResult:
     """Camera A queries against the camera B gallery of CUHK03 val/."""
     query, gallery = (load_csv(lists / f"cuhk03_val_{s}.csv") for s in ("query", "gallery"))
-    q, g = (embed_images(model, [root / f for f in d.fids], cfg, num_workers=0)[0] for d in (query, gallery))
+    prep = Preprocessing.of(cfg)
+    q, g = (embed_images(model, [root / f for f in d.fids], prep, num_workers=0)[0] for d in (query, gallery))
     return evaluate(q, g, query.pids, gallery.pids, query.fids, gallery.fids, excluder="cuhk03")
 
 

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from reid_tune.augmentation import Preprocessing
 from reid_tune.checkpoints import find_checkpoint, load_model
 from reid_tune.config import TrainConfig
 from reid_tune.datasets import load_csv
@@ -29,8 +30,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> Path:
 
 def _embed(trained: Path, demo_data: Path, out: Path, **options) -> Path:
     model, cfg = load_model(find_checkpoint(trained))
-    return embed_dataset(model, cfg, demo_data / "market1501_query.csv", demo_data, out, num_workers=0,
-                         batch_size=5, **options)
+    return embed_dataset(model, Preprocessing.of(cfg), demo_data / "market1501_query.csv", demo_data, out,
+                         num_workers=0, batch_size=5, **options)
 
 
 def test_plain_embedding_layout(trained: Path, demo_data: Path, tmp_path: Path) -> None:

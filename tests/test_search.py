@@ -25,6 +25,7 @@ from helpers import (
     assert_study_matches_tune,
     free_port,
     mlflow_server,
+    reid_tune,
     restored_searcher,
     trial_runs,
     write_space,
@@ -297,6 +298,21 @@ def test_promote_then_embed_from_the_registry(
         ]
     )
     assert json.loads(Path("test.json").read_text())["mAP"] == pytest.approx(second.test.mAP)
+
+
+def test_export_the_champion_and_log_the_file_on_its_run(searched: tuple[Path, str], tmp_path: Path) -> None:
+    _, uri = searched
+    promotion = promote("four", tracking_uri=uri, device="cpu")
+    out = tmp_path / "champion.onnx"
+    done = reid_tune("export", "--model", "models:/four-model@champion", "--out", out, "--tracking-uri", uri)
+    assert done.returncode == 0, done.stderr
+    where = f"runs:/{promotion.run_id}/export/champion.onnx"
+    assert f"from models:/four-model@champion (version {promotion.version})" in done.stdout
+    assert done.stdout.splitlines()[-1] == f"logged     {where}"
+    client = MlflowClient(uri, registry_uri=uri)
+    logged = {a.path: a.file_size for a in client.list_artifacts(promotion.run_id, "export")}
+    assert logged == {"export/champion.onnx": out.stat().st_size}
+    assert client.get_model_version("four-model", promotion.version).tags["export_onnx"] == where
 
 
 # ---------------------------------------------------------------- resume after Ctrl-C

@@ -78,6 +78,7 @@ def trial_fact_tag(label: str, fact: str) -> str:
 CHECKPOINT_ARTIFACTS = "checkpoint"  # weights (checkpoint-NNNNNN.pt) and config.json of the best step
 VALIDATION_ARTIFACTS = "validation"  # val_query.h5, val_gallery.h5, validation.json, cmc.png
 TEST_ARTIFACTS = "test"  # the champion's test_query.h5, test_gallery.h5, test.json, cmc.png
+EXPORT_ARTIFACTS = "export"  # the champion exported by `reid-tune export --model` (ONNX, TorchScript)
 SPLIT_ARTIFACT = "validation_split"  # the parent run's artifact folder of the split's CSVs
 ANALYSIS_ARTIFACTS = "search"  # the parent run's folder of history.png, importance.png, ...
 MODEL_ARTIFACT = "model"  # the logged model's name: a pyfunc wrapping the checkpoint

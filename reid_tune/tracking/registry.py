@@ -10,11 +10,12 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric, Run
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 import reid_tune
 from reid_tune.errors import TrackingError
-from reid_tune.search.keys import MODEL_ARTIFACT, MODEL_VERSIONS_TAG
+from reid_tune.search.keys import EXPORT_ARTIFACTS, MODEL_ARTIFACT, MODEL_VERSIONS_TAG
 from reid_tune.tracking.store import checked_uri, global_uri, now_ms
 
 
@@ -110,3 +111,33 @@ def download_checkpoint(model_uri: str, *, tracking_uri: str | None = None) -> P
     if not found:
         raise TrackingError(f"--model {model_uri}: no checkpoint-*.pt among its artifacts")
     return found[-1]
+
+
+def model_version(client: MlflowClient, model_uri: str) -> ModelVersion:
+    """The registered version that ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names."""
+    body = model_uri.removeprefix("models:/")
+    name, _, alias = body.partition("@")
+    version = ""
+    if not alias:
+        name, _, version = body.rpartition("/")
+    if not model_uri.startswith("models:/") or not name or not (alias or version):
+        raise TrackingError(f"--model {model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as err:
+        raise TrackingError(f"--model {model_uri}: {err.message.splitlines()[0]}") from None
+
+
+def log_export(model_uri: str, path: Path, fmt: str, *, tracking_uri: str | None = None) -> str:
+    """Log an exported file as an artifact of the run the registered ``model_uri`` comes from (under
+    ``export/``) and tag the version with its location (tag ``export_<fmt>``); returns that location."""
+    uri = checked_uri(tracking_uri, existing=True)
+    client = MlflowClient(uri, registry_uri=uri)
+    version = model_version(client, model_uri)
+    run_id = version.run_id or client.get_logged_model(version.model_id).source_run_id
+    client.log_artifact(run_id, str(path), EXPORT_ARTIFACTS)
+    location = f"runs:/{run_id}/{EXPORT_ARTIFACTS}/{Path(path).name}"
+    client.set_model_version_tag(version.name, version.version, f"export_{fmt}", location)
+    return location

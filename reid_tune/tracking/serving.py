@@ -20,9 +20,11 @@ class ReidEmbedder(PythonModel):
 
     def predict(self, model_input: list[str], params: dict | None = None) -> list[list[float]]:
         """One embedding per image path."""
+        from reid_tune.augmentation import Preprocessing
         from reid_tune.embed import embed_images
 
-        return embed_images(self.model, [Path(p) for p in model_input], self.cfg, num_workers=0)[0].tolist()
+        paths = [Path(p) for p in model_input]
+        return embed_images(self.model, paths, Preprocessing.of(self.cfg), num_workers=0)[0].tolist()
 
 
 mlflow.models.set_model(ReidEmbedder())
