@@ -324,6 +324,28 @@ def promote(search_name: str, name: str | None, tracking_uri: str | None, device
 
 @cli.command()
 @click.argument("space", required=False, type=click.Path(path_type=Path))
+@click.option("--experiment", help="The experiment to open (default: SPACE's; without either: the list).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: SPACE's, else sqlite:///mlflow.db here).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the UI listens on.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+def ui(space: Path | None, experiment: str | None, tracking_uri: str | None, host: str, port: int) -> None:
+    """Start the MLflow UI on a search's store, opening on its runs table (Ctrl-C stops it).
+
+    MLflow's UI, with a browser that has not chosen a view starting in "Model training" (MLflow 3 starts
+    in its GenAI view); on a tracking server, prints the runs page's URL instead.
+    """
+    from reid_tune.search.space import load_spec
+    from reid_tune.tracking.ui import serve_ui
+
+    if space is not None:
+        spec = load_spec(space)
+        tracking_uri = tracking_uri or spec.mlflow.tracking_uri
+        experiment = experiment or spec.tracking_experiment
+    serve_ui(tracking_uri, experiment, host=host, port=port, echo=click.echo)
+
+
+@cli.command()
+@click.argument("space", required=False, type=click.Path(path_type=Path))
 @click.option("--network", type=click.Choice(vocabulary.NETWORKS), help="Instead of the trial's network.")
 @click.option("--batch-p", type=int, help="Instead of the trial's P.")
 @click.option("--batch-k", type=int, help="Instead of the trial's K.")

@@ -86,6 +86,7 @@ CASES = [
     ("embed an ONNX file that is none", (*EMBED, "--onnx", "query.csv"), "query.csv: not an ONNX model"),
     ("embed a missing ONNX file", (*EMBED, "--onnx", "nope.onnx"), "nope.onnx"),
     ("embed a TorchScript file that is none", (*EMBED, "--torchscript", "query.csv"), "query.csv"),
+    ("ui without a tracking database", ("ui",), "mlflow.db"),
 ]
 
 

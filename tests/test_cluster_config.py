@@ -168,6 +168,7 @@ def test_mlflow_server_on_the_head(cfg: dict[str, Any]) -> None:
     assert "--backend-store-uri \\${MLFLOW_BACKEND_STORE_URI}" in unit
     assert "--serve-artifacts --artifacts-destination \\${REID_TUNE_STORAGE}/" in unit
     assert "--host 0.0.0.0" in unit, "reachable by the workers (the security group keeps it in the cluster)"
+    assert "mlflow server --app-name reid-tune " in unit  # the UI opens on the runs tables
 
 
 def test_head_starts_mlflow_and_ray(cfg: dict[str, Any]) -> None:

@@ -187,9 +187,15 @@ def test_names_and_plots_import_no_framework(module: str) -> None:
     assert {"mlflow", "ray", "torch", "optuna"}.isdisjoint(json.loads(done.stdout))
 
 
-def test_the_runs_view_is_one_url_away() -> None:
-    """MLflow 3's UI opens on its GenAI overview: the search prints the runs table's URL."""
+def test_the_search_says_how_to_browse_its_runs() -> None:
+    """MLflow 3's UI opens on its GenAI overview: the search prints the runs table's URL on a server, the
+    `reid-tune ui` command (which opens on it) for a local store."""
     page = "#/experiments/7?workflowType=machine_learning"
-    assert runs_view("http://mlflow.example:5000/", "7") == f"http://mlflow.example:5000/{page}"
-    local = runs_view("sqlite:////work/mlflow.db", "7")
-    assert local == f"mlflow ui --backend-store-uri sqlite:////work/mlflow.db, then http://127.0.0.1:5000/{page}"
+    server = runs_view("http://mlflow.example:5000/", "7", space="s.yaml", space_uri=None)
+    assert server == f"http://mlflow.example:5000/{page}"
+    assert runs_view("sqlite:////work/m.db", "7", space="s.yaml", space_uri="sqlite:////work/m.db") == (
+        "reid-tune ui s.yaml"
+    )
+    assert runs_view("sqlite:////work/m.db", "7", space="s.yaml", space_uri="sqlite:////other.db") == (
+        "reid-tune ui s.yaml --tracking-uri sqlite:////work/m.db"
+    )

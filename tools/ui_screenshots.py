@@ -2,8 +2,8 @@
 
 By default it runs the demo search (``reid-tune search_spaces/demo.yaml``, a few minutes on a 2-core CPU)
 and promotes its best trial in a temporary folder, with the runs in ``sqlite:///<tmp>/mlflow.db``; with
-``--tracking-uri`` it uses that store's latest search instead. It then starts ``mlflow ui`` on the store
-and, in headless Chromium, writes to ``--out``:
+``--tracking-uri`` it uses that store's latest search instead. It then serves the store as ``reid-tune
+ui`` does (MLflow's UI opening on model training) and, in headless Chromium, writes to ``--out``:
 
 - ``runs.png``: the experiment's runs table with the ``val/best_mAP``, ``val/mAP`` and ``val/rank1``
   columns, sorted by ``val/best_mAP`` (descending); with ``--nested``, in MLflow's default order instead
@@ -22,17 +22,13 @@ Playwright (``pip install -e ".[ui]"``)::
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from mlflow.entities import Experiment, Run
@@ -41,6 +37,7 @@ from playwright.sync_api import Page, sync_playwright
 
 from reid_tune.search.keys import BEST_METRIC, BEST_TAG, PARENT_TAG, ROLE_TAG, VAL_MAP, VAL_RANK1_NAME
 from reid_tune.tracking.store import resolve_tracking_uri
+from reid_tune.tracking.ui import start_ui, stop_ui
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_SPACE = REPO / "search_spaces" / "demo.yaml"
@@ -94,43 +91,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_ui(uri: str, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``mlflow ui`` on ``uri`` (in its own process group, working in ``folder``) and wait until it
-    answers; the process and its base URL."""
-    port = free_port()
-    server = subprocess.Popen(
-        [tool("mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=folder,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"error: mlflow ui exited with status {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2):
-                return server, base
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    stop_ui(server)
-    sys.exit("error: mlflow ui did not answer /health within 120 s")
-
-
-def stop_ui(server: subprocess.Popen[bytes]) -> None:
-    """Stop the server and its workers (its process group)."""
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-
-
 def find_runs(client: MlflowClient, name: str) -> tuple[Experiment, Run, Run]:
     """The experiment, its latest search's parent run and that search's best trial run."""
     experiment = client.get_experiment_by_name(name)
@@ -152,10 +112,9 @@ def find_runs(client: MlflowClient, name: str) -> tuple[Experiment, Run, Run]:
 
 
 def prepare(page: Page, base: str) -> None:
-    """Open the UI, close the assistant panel and switch the sidebar to model training."""
+    """Open the UI (reid-tune's app: in the model-training view) and close the assistant panel."""
     page.goto(base)
     page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]').click()
-    page.get_by_text("Model training", exact=True).click()
 
 
 def shoot_runs(
@@ -232,12 +191,12 @@ def settle(page: Page) -> None:
     page.wait_for_timeout(3000)
 
 
-def screenshots(uri: str, args: argparse.Namespace, folder: Path) -> list[Path]:
+def screenshots(uri: str, args: argparse.Namespace) -> list[Path]:
     """Serve ``uri`` with ``mlflow ui`` and take both screenshots into ``args.out``; the files written."""
     experiment, parent, best = find_runs(MlflowClient(tracking_uri=uri), args.experiment)
     args.out.mkdir(parents=True, exist_ok=True)
     runs, trial = args.out / "runs.png", args.out / "trial.png"
-    server, base = start_ui(uri, folder)
+    server, base = start_ui(uri, port=free_port(), quiet=True)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=args.chromium)
@@ -258,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="reid-ui-") as tmp:
         folder = Path(tmp)
         uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else run_demo(folder)
-        for path in screenshots(uri, args, folder):
+        for path in screenshots(uri, args):
             print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
 
 

@@ -282,7 +282,8 @@ def run_search(
     interrupted = _unfinished(paths, spec)
     summary = dataclasses.replace(
         summarize(spec, results, tracker.parent_run_id, interrupted=interrupted),
-        browse=runs_view(tracker.client.tracking_uri, tracker.experiment_id),
+        browse=runs_view(tracker.client.tracking_uri, tracker.experiment_id, space=spec_file,
+                         space_uri=spec.mlflow.tracking_uri),
     )
     runs = tracker.trial_runs()
     tracker.mark(BEST_TAG, [summary.best.trial_id] if summary.best else [], runs)

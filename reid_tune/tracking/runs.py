@@ -38,7 +38,7 @@ from reid_tune.search.keys import (
     VALIDATION_FILE,
 )
 from reid_tune.tracking.plots import cmc_plot
-from reid_tune.tracking.store import now_ms
+from reid_tune.tracking.store import now_ms, resolve_tracking_uri
 from reid_tune.tracking.versioning import code_version
 
 _BATCH = 500  # metrics per log_batch call (MLflow allows 1000)
@@ -77,13 +77,14 @@ def _close(client: MlflowClient, run_id: str, *, tags: dict[str, str], note: str
     client.set_terminated(run_id, status=status)
 
 
-def runs_view(tracking_uri: str, experiment_id: str) -> str:
-    """How to open an experiment's runs table in MLflow 3's UI, which opens on its GenAI overview whatever
-    the experiment's kind tag says: the page's URL, with the ``mlflow ui`` command for a local store."""
-    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+def runs_view(tracking_uri: str, experiment_id: str, *, space: str | Path, space_uri: str | None) -> str:
+    """Where to browse a search's runs table (MLflow 3's UI opens on its GenAI overview whatever the
+    experiment's kind tag says): on a tracking server the page's URL; for a local store the ``reid-tune
+    ui`` command that serves it, naming the store when the search file's (``space_uri``) is another."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    other = "" if resolve_tracking_uri(space_uri) == tracking_uri else f" --tracking-uri {tracking_uri}"
+    return f"reid-tune ui {space}{other}"
 
 
 class SearchTracker:
