@@ -127,6 +127,8 @@ def main() -> None:
     if args.smoke:
         args.networks, args.input, args.batch, args.seconds, args.rounds = "lunet_small", "64x32", 8, 0.2, 2
     size = tuple(int(v) for v in args.input.split("x"))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here")
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"

@@ -73,7 +73,9 @@ def open_batches(
         except (MemoryError, RuntimeError, OSError) as err:
             if isinstance(err, OSError) and err.errno not in OUT_OF_ROOM:
                 raise
-            fall_back(DATA_CACHE, "the cpu path's DataLoader, unpinned", err, on_fallback)
+            # the draws differ between the paths: a run resumed on the other path is no longer the same run
+            instead = "the cpu path's DataLoader, unpinned (other augmentation draws than the device path's)"
+            fall_back(DATA_CACHE, instead, err, on_fallback)
             pin = False
     batches = PKBatches(dataset, cfg, rank=rank, world_size=world_size)
     return functools.partial(batch_stream, batches, num_workers=cfg.num_workers, pin=pin)

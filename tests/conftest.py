@@ -2,13 +2,70 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TESTS = Path(__file__).resolve().parent
+LOCAL = {path.stem for folder in (TESTS, TESTS.parent / "benchmarks") for path in folder.glob("*.py")}
+
+# Test modules not collected because a package they import is not installed: the GPU machine has PyTorch
+# but neither Ray, MLflow, Optuna nor ONNX, and `pytest -k "cuda or gpu"` must still run the core's GPU
+# tests there. CI installs every dependency, so it collects everything (and says so if it does not).
+_NOT_COLLECTED: dict[str, list[str]] = {}
+
+
+def _module_imports(path: Path, seen: set[Path] | None = None) -> set[str]:
+    """The third-party packages a Python file imports at module level, following ``helpers`` and the
+    ``reid_tune`` modules it imports (their own module-level imports; imports inside functions are lazy)."""
+    seen = set() if seen is None else seen
+    seen.add(path)
+    roots, local = set(), []
+    for node in ast.parse(path.read_text()).body:
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        for name in names:
+            roots.add(name.split(".")[0])
+            local += [file for file in _local_files(name) if file not in seen]
+    for file in local:
+        if file not in seen:
+            roots |= _module_imports(file, seen)
+    return roots - LOCAL - {"reid_tune", "__future__"} - set(sys.stdlib_module_names)
+
+
+def _local_files(name: str) -> list[Path]:
+    """The file of ``helpers`` or of a ``reid_tune`` module or package named ``name`` (none for others)."""
+    if name == "helpers":
+        return [TESTS / "helpers.py"]
+    if name.split(".")[0] != "reid_tune":
+        return []
+    base = TESTS.parent.joinpath(*name.split("."))
+    return [file for file in (base.with_suffix(".py"), base / "__init__.py") if file.is_file()]
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Skip a test module whose imports are not installed (None: collect as usual)."""
+    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    imported = _module_imports(collection_path)
+    missing = sorted(name for name in imported if importlib.util.find_spec(name) is None)
+    if missing:
+        _NOT_COLLECTED[collection_path.name] = missing
+        return True
+    return None
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the modules left out for missing packages."""
+    for name, missing in sorted(_NOT_COLLECTED.items()):
+        terminalreporter.write_line(f"not collected: {name} (not installed: {', '.join(missing)})")
 
 
 @pytest.fixture(scope="session", autouse=True)

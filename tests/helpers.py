@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 
 from reid_tune.devices import Fallback
 from reid_tune.train import TrainCallback
@@ -114,6 +113,8 @@ def search_document(data: Path, name: str, **sections: Any) -> dict[str, Any]:
 
 def write_yaml(path: Path, document: dict[str, Any]) -> Path:
     """Write ``document`` as YAML, keys in their order; returns ``path``."""
+    import yaml  # only the search tests write YAML (the GPU machine may lack PyYAML)
+
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 

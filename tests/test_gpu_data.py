@@ -327,6 +327,7 @@ def test_a_cache_that_cannot_be_held_falls_back_to_the_dataloader(
             source = open_batches(dataset, device_config, torch.device(device), on_fallback=told.append)
         assert source.keywords["pin"] is False
     assert [f.feature for f in told] == [DATA_CACHE, DATA_CACHE]
+    assert "other augmentation draws" in told[0].instead  # a resume on the other path is not the same run
     step, images, labels = next(source(2))
     _, want_images, want_labels = PKBatches(dataset, device_config)[2]
     assert step == 2 and torch.equal(images, want_images) and torch.equal(labels, want_labels)
