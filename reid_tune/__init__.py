@@ -2,6 +2,6 @@
 
 from reid_tune.errors import ReidTuneError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["ReidTuneError", "__version__"]

@@ -334,11 +334,11 @@ def ui(space: Path | None, experiment: str | None, tracking_uri: str | None, hos
     MLflow's UI, with a browser that has not chosen a view starting in "Model training" (MLflow 3 starts
     in its GenAI view); on a tracking server, prints the runs page's URL instead.
     """
-    from reid_tune.search.space import load_spec
+    from reid_tune.search.space import read_spec
     from reid_tune.tracking.ui import serve_ui
 
     if space is not None:
-        spec = load_spec(space)
+        spec = read_spec(space)
         tracking_uri = tracking_uri or spec.mlflow.tracking_uri
         experiment = experiment or spec.tracking_experiment
     serve_ui(tracking_uri, experiment, host=host, port=port, echo=click.echo)

@@ -30,6 +30,7 @@ from reid_tune.search.keys import (
     CHECKPOINT_ARTIFACTS,
     CMC_PLOT,
     DATASET_TAG,
+    LEGACY_BEST_METRIC,
     MODEL_NAME_TAG,
     ROLE_TAG,
     SEARCH_TAG,
@@ -88,19 +89,25 @@ def find_search(client: MlflowClient, search: str) -> Run:
     return runs[0]
 
 
+def best_validation(run: Run) -> float | None:
+    """A trial's best validation mAP (under its name before reid-tune 0.2 too), None if never validated."""
+    metrics = run.data.metrics
+    return metrics.get(BEST_METRIC, metrics.get(LEGACY_BEST_METRIC))
+
+
 def best_trial(client: MlflowClient, parent: Run) -> Run:
-    """The search's trial run with the highest best validation mAP."""
+    """The search's trial run with the highest best validation mAP (the first trial of equal ones)."""
     runs = client.search_runs(
         [parent.info.experiment_id],
         f"tags.`{SEARCH_TAG}` = '{parent.data.tags[SEARCH_TAG]}' and tags.`{ROLE_TAG}` = 'trial'",
-        order_by=[f"metrics.`{BEST_METRIC}` DESC"],
+        order_by=["attributes.start_time ASC"],
     )
-    scored = [run for run in runs if BEST_METRIC in run.data.metrics]
+    scored = [run for run in runs if best_validation(run) is not None]
     if not scored:
         raise TrackingError(
             f"promote: search run {parent.info.run_id} has no trial with a validated checkpoint"
         )
-    return scored[0]
+    return max(scored, key=best_validation)
 
 
 def test_lists(parent: Run) -> tuple[Path, Path, Path, str]:
@@ -194,7 +201,7 @@ def champion_tags(parent: Run, best: Run, result: EvalResult) -> dict[str, str]:
 def champion_note(parent: Run, best: Run, result: EvalResult) -> str:
     """The registered version's description: where it comes from and how it tested."""
     query, gallery, _, _ = test_lists(parent)
-    val = best.data.metrics.get(BEST_METRIC, float("nan"))
+    val = best_validation(best)
     return (
         f"Best trial {best.info.run_name} of search {parent.info.run_name} by validation mAP ({val:.2%}), "
         f"tested once on {query.name} against {gallery.name}: {result.summary()}. "

@@ -214,4 +214,4 @@ def test_mlflow_trial_runs_finished_with_each_validation_once(node_loss: NodeLos
     assert len(runs) == 4 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 4
     for run in runs:
         assert run.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mAP")] == STEPS
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/mAP")] == STEPS

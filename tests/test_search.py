@@ -159,17 +159,17 @@ def test_search_logs_parent_and_nested_runs(four: tuple[Path, str, SearchSummary
             None if trial.full_budget else str(trial.iterations)
         )
         assert run.data.tags["mlflow.note.content"].startswith(f"Trial {run.info.run_name} of search four")
-        val = client.get_metric_history(run.info.run_id, "val/mAP")
+        val = client.get_metric_history(run.info.run_id, "eval/mAP")
         assert [m.step for m in val][:1] == [
             10
         ]  # every trial validates at iteration 10, ASHA may stop it there
-        best = client.get_metric_history(run.info.run_id, "val/best_mAP")
+        best = client.get_metric_history(run.info.run_id, "eval/best_mAP")
         assert [m.value for m in best] == list(itertools.accumulate((m.value for m in val), max))
         assert len(client.get_metric_history(run.info.run_id, "train/loss_mean")) == 2 * len(val)
         metrics = set(run.data.metrics)
-        assert {"val/rank1", "val/rank5", "val/rank10", "val/mINP"} <= metrics
+        assert {"eval/rank1", "eval/rank5", "eval/rank10", "eval/mINP"} <= metrics
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= metrics
-        assert all(m.split("/")[0] in ("train", "val", "system") for m in metrics)  # no "step", no best_*
+        assert all(m.split("/")[0] in ("train", "eval", "system") for m in metrics)  # no "step", no best_*
         artifacts = {
             a.path
             for folder in ("checkpoint", "validation")
@@ -232,8 +232,8 @@ def test_promote_then_embed_from_the_registry(
     assert str(client.get_model_version_by_alias("four-model", "champion").version) == "2"
     assert len(client.search_model_versions("name='four-model'")) == 2
     best = client.get_run(second.run_id)
-    assert best.data.metrics["val/best_mAP"] == max(
-        r.data.metrics["val/best_mAP"] for r in trial_runs(client, "four")
+    assert best.data.metrics["eval/best_mAP"] == max(
+        r.data.metrics["eval/best_mAP"] for r in trial_runs(client, "four")
     )
     assert best.data.tags["reid_tune.best"] == "true"
     assert {"test/mAP", "test/rank1", "test/rank5", "test/mINP"} <= set(best.data.metrics)
@@ -372,7 +372,7 @@ def test_resume_after_interrupt_finishes_without_duplicates(
     assert len(runs) == 2 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 2
     for run in runs:
         assert run.info.status == "FINISHED"
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/mAP")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/mAP")]
         assert steps == [10, 20]  # each validation logged once, none repeated
         if run.data.tags[TRIAL_TAG] in done_before:  # not rerun
             assert run.info.end_time == done_before[run.data.tags[TRIAL_TAG]]

@@ -16,8 +16,18 @@ import torch
 from helpers import search_document
 from mlflow.tracking import MlflowClient
 
+from reid_tune.promote import best_trial
 from reid_tune.search.callbacks import progress_line, run_name, trial_note
-from reid_tune.search.keys import BEST_METRIC, BEST_TAG, KIND_TAG, NOTE_TAG, TRAINING_KIND
+from reid_tune.search.keys import (
+    BEST_METRIC,
+    BEST_TAG,
+    KIND_TAG,
+    LEGACY_BEST_METRIC,
+    NOTE_TAG,
+    ROLE_TAG,
+    SEARCH_TAG,
+    TRAINING_KIND,
+)
 from reid_tune.search.schema import PAPER_POINT, SearchSpec
 from reid_tune.search.summary import describe_search
 from reid_tune.search.system_metrics import SystemSampler
@@ -49,17 +59,17 @@ def test_trial_metrics_are_grouped_and_the_best_so_far_survives_a_resume(client:
     tracker = _tracker(client)
     run_id = tracker.trial_run("abc", name="t01-abc", params={"lr": 3e-4}, tags={})
     records = [{"step": s, "loss_mean": 1.0 / s} for s in (5, 10)]
-    tracker.log_result("abc", 10, records, {"val/mAP": 0.5, "val/rank1": 0.6})
+    tracker.log_result("abc", 10, records, {"eval/mAP": 0.5, "eval/rank1": 0.6})
     again = _tracker_reopened(client, tracker)  # a resumed search: a new tracker finds the run again
     assert again.trial_run("abc", name="t01-abc", params={}, tags={}) == run_id
-    again.log_result("abc", 10, records, {"val/mAP": 0.5, "val/rank1": 0.6})  # re-reported: skipped
-    again.log_result("abc", 20, [{"step": 20, "loss_mean": 0.1}], {"val/mAP": 0.4, "val/rank1": 0.5})
+    again.log_result("abc", 10, records, {"eval/mAP": 0.5, "eval/rank1": 0.6})  # re-reported: skipped
+    again.log_result("abc", 20, [{"step": 20, "loss_mean": 0.1}], {"eval/mAP": 0.4, "eval/rank1": 0.5})
     run = client.get_run(run_id)
     assert run.info.run_name == "t01-abc"
-    assert set(run.data.metrics) == {"train/loss_mean", "val/mAP", "val/rank1", BEST_METRIC}
+    assert set(run.data.metrics) == {"train/loss_mean", "eval/mAP", "eval/rank1", BEST_METRIC}
     best = client.get_metric_history(run_id, BEST_METRIC)
     assert [(m.step, m.value) for m in best] == [(10, 0.5), (20, 0.5)]
-    assert [m.step for m in client.get_metric_history(run_id, "val/mAP")] == [10, 20]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/mAP")] == [10, 20]
 
 
 def _tracker_reopened(client: MlflowClient, tracker: SearchTracker) -> SearchTracker:
@@ -79,6 +89,20 @@ def test_system_samples_are_stepped_in_order_across_reports(client: MlflowClient
     assert [(m.step, m.value) for m in history] == [(0, 0.0), (1, 10.0), (2, 20.0), (3, 30.0)]
     assert _tracker_reopened(client, tracker).trial_run("abc", name="", params={}, tags={}) == run_id
 
+
+
+def test_validation_comes_first_and_promote_still_ranks_older_searches(client: MlflowClient) -> None:
+    """Validation metrics sort before test/ and train/ (MLflow's sections are alphabetical); trials of a
+    search logged under the earlier name, val/best_mAP, are still ranked."""
+    assert BEST_METRIC.split("/")[0] < "system" < "test" < "train"
+    experiment = client.create_experiment("old")
+    tags = {SEARCH_TAG: "s1"}
+    parent = client.create_run(experiment, tags={**tags, ROLE_TAG: "search"})
+    for name, metric, value in (("t01", LEGACY_BEST_METRIC, 0.5), ("t02", LEGACY_BEST_METRIC, 0.7),
+                                ("t03", BEST_METRIC, 0.6), ("t04", "train/loss", 0.9)):
+        run = client.create_run(experiment, run_name=name, tags={**tags, ROLE_TAG: "trial"})
+        client.log_metric(run.info.run_id, metric, value)
+    assert best_trial(client, client.get_run(parent.info.run_id)).info.run_name == "t02"
 
 def test_the_best_tag_moves_and_notes_describe_the_runs(client: MlflowClient) -> None:
     tracker = _tracker(client)

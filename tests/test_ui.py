@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, write_space
 from mlflow.tracking import MlflowClient
 
 from reid_tune.tracking.ui import APP_NAME, WORKFLOW_KEY, create_app
@@ -37,13 +37,15 @@ def test_the_page_sets_the_model_training_view_once_and_nothing_else_changes() -
 
 
 @pytest.mark.slow
-def test_reid_tune_ui_serves_the_experiment_until_interrupted(tmp_path: Path) -> None:
+def test_reid_tune_ui_serves_the_search_until_interrupted(tmp_path: Path, demo_data: Path) -> None:
+    """The store and the experiment come from the search-space file."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write_space(tmp_path, demo_data, "demo", tracking_uri=uri)
     experiment = MlflowClient(uri).create_experiment("demo")
     port = free_port()
     ui = subprocess.Popen(
-        [sys.executable, "-m", "reid_tune.cli", "ui", "--tracking-uri", uri, "--experiment", "demo", "--port",
-         str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        [sys.executable, "-m", "reid_tune.cli", "ui", space, "--port", str(port)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )  # fmt: skip
     try:
         line = ui.stdout.readline()  # printed once the server answers

@@ -5,12 +5,12 @@ and promotes its best trial in a temporary folder, with the runs in ``sqlite:///
 ``--tracking-uri`` it uses that store's latest search instead. It then serves the store as ``reid-tune
 ui`` does (MLflow's UI opening on model training) and, in headless Chromium, writes to ``--out``:
 
-- ``runs.png``: the experiment's runs table with the ``val/best_mAP``, ``val/mAP`` and ``val/rank1``
-  columns, sorted by ``val/best_mAP`` (descending); with ``--nested``, in MLflow's default order instead
+- ``runs.png``: the experiment's runs table with the ``eval/best_mAP``, ``eval/mAP`` and ``eval/rank1``
+  columns, sorted by ``eval/best_mAP`` (descending); with ``--nested``, in MLflow's default order instead
   (newest first), the trials expanded under the search's parent run: MLflow nests child runs only when
   the runs are sorted by creation time;
 - ``trial.png``: the best trial's (tag ``reid_tune.best`` = "true") "Model metrics" tab, scrolled to its
-  validation charts (``val/*``): MLflow orders the sections alphabetically (``test``, ``train``, ``val``).
+  validation charts (``eval/*``), the first section (MLflow orders them alphabetically).
 
 It needs Debian's Chromium (``apt-get install chromium``; Playwright's own browsers are not used) and
 Playwright (``pip install -e ".[ui]"``)::
@@ -35,7 +35,15 @@ from mlflow.entities import Experiment, Run
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import Page, sync_playwright
 
-from reid_tune.search.keys import BEST_METRIC, BEST_TAG, PARENT_TAG, ROLE_TAG, VAL_MAP, VAL_RANK1_NAME
+from reid_tune.search.keys import (
+    BEST_METRIC,
+    BEST_TAG,
+    PARENT_TAG,
+    ROLE_TAG,
+    VAL_MAP,
+    VAL_PREFIX,
+    VAL_RANK1_NAME,
+)
 from reid_tune.tracking.store import resolve_tracking_uri
 from reid_tune.tracking.ui import start_ui, stop_ui
 
@@ -45,7 +53,7 @@ OUT = REPO / "tools" / "screenshots"
 EXPERIMENT = "demo"  # the experiment (and parent run) name of search_spaces/demo.yaml
 COLUMNS = (VAL_MAP, VAL_RANK1_NAME)  # shown with BEST_METRIC
 HIDDEN_COLUMNS = ("Dataset", "Source", "Models")  # MLflow's default columns, empty for a search
-VALIDATION = "val"  # the validation metrics' section (prefix)
+VALIDATION = VAL_PREFIX.rstrip("/")  # the validation metrics' section
 VIEWPORT = {"width": 1400, "height": 900}
 TIMEOUT_MS = 60_000
 
@@ -172,8 +180,8 @@ def expand(page: Page, parent: Run) -> None:
 
 
 def shoot_trial(page: Page, base: str, experiment: Experiment, best: Run, path: Path) -> None:
-    """The best trial's "Model metrics" tab scrolled to its validation section (MLflow orders the sections
-    alphabetically: ``test``, ``train``, then ``val``)."""
+    """The best trial's "Model metrics" tab at its validation section (the first: MLflow orders the
+    sections alphabetically, ``eval`` before ``test`` and ``train``)."""
     page.goto(f"{base}/#/experiments/{experiment.experiment_id}/runs/{best.info.run_id}/model-metrics")
     header = page.locator("[role=button][aria-expanded=true]").filter(
         has=page.get_by_test_id("experiment-view-compare-runs-section-header").get_by_text(

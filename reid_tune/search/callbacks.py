@@ -151,7 +151,7 @@ def run_name(trial: Trial, trials: list[Trial]) -> str:
 
 
 def mlflow_name(key: str) -> str:
-    """The MLflow name of a reported validation number: ``val_mAP`` -> ``val/mAP``."""
+    """The MLflow name of a reported validation number: ``val_mAP`` -> ``eval/mAP``."""
     return VAL_PREFIX + key.removeprefix("val_")
 
 

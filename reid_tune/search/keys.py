@@ -27,13 +27,16 @@ VALIDATION_KEYS = {
 
 # ---------------------------------------------------------------- MLflow metrics
 
-VAL_PREFIX = "val/"  # validation metrics under val/, training statistics under train/
+# Validation metrics under eval/: MLflow's UI shows a run's metric sections in alphabetical order, so they
+# come before test/ (the champion's) and train/ (training statistics).
+VAL_PREFIX = "eval/"
 TRAIN_PREFIX = "train/"
 SYSTEM_PREFIX = "system/"  # system samples, under the names MLflow's own system metrics use
 TEST_PREFIX = "test/"  # the champion's test numbers, on its run and its logged model
 VAL_MAP = f"{VAL_PREFIX}mAP"
 VAL_RANK1_NAME = f"{VAL_PREFIX}rank1"
 BEST_METRIC = f"{VAL_PREFIX}best_mAP"  # a trial's best validation mAP so far, what promote ranks by
+LEGACY_BEST_METRIC = "val/best_mAP"  # BEST_METRIC of searches logged by reid-tune before 0.2
 SYSTEM_CPU = f"{SYSTEM_PREFIX}cpu_utilization_percentage"  # one of MLflow's own system metric names
 
 # ---------------------------------------------------------------- MLflow tags

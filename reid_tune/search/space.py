@@ -103,6 +103,12 @@ def _error_loc(error: dict[str, Any]) -> Loc:
 # ---------------------------------------------------------------- the whole file
 
 
+def read_spec(path: str | Path) -> SearchSpec:
+    """A search-space file parsed against its schema only (its data, storage and network unchecked): enough
+    to name the search's tracking store and experiment, e.g. after its data has moved."""
+    return parse_spec(*read_yaml(Path(path)))
+
+
 def load_spec(path: str | Path, *, prepare_data: bool = True) -> SearchSpec:
     """Read and fully validate a search-space file; with ``prepare_data`` generate the demo data first."""
     data, file = read_yaml(Path(path))

@@ -172,7 +172,7 @@ class SearchTracker:
         self, trial_id: str, step: int, records: list[dict[str, float]], validation: dict[str, float]
     ) -> None:
         """Per-iteration training statistics (``train/*``) and the validation numbers at ``step`` (named
-        ``val/*``, with ``val/best_mAP`` the best so far). Steps already logged (re-reported after a resume
+        ``eval/*``, with ``eval/best_mAP`` the best so far). Steps already logged (re-reported after a resume
         from an older checkpoint) are skipped."""
         done = self._logged_step.get(trial_id, 0)
         if step <= done:
