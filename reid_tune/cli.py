@@ -235,21 +235,22 @@ def export(model_uri: str | None, run_dir: Path | None, checkpoint: int | None, 
     _one_source("export", model=model_uri, run_dir=run_dir)
     fmt = fmt or format_of(out)
     check_output(out)
-    source = None
+    client = version = source = None
     if model_uri is not None:  # a registry that lacks the version answers before any work
         from reid_tune.tracking.registry import model_version
         from reid_tune.tracking.store import client_for
 
-        version = model_version(client_for(tracking_uri, existing=True), model_uri)
+        client = client_for(tracking_uri, existing=True)
+        version = model_version(client, model_uri)
         source = f"{model_uri} (version {version.version})"
     path = _checkpoint_of(run_dir, model_uri, checkpoint, tracking_uri)
     result = export_checkpoint(path, out, fmt=fmt, source=source, dataset=dataset, image_root=image_root,
                                count=parity_images)
     click.echo(result.summary())
-    if model_uri is not None:
+    if version is not None:
         from reid_tune.tracking.registry import log_export
 
-        click.echo(f"{'logged':<11}{log_export(model_uri, out, fmt, tracking_uri=tracking_uri)}")
+        click.echo(f"{'logged':<11}{log_export(client, version, out, fmt)}")
 
 
 @cli.command()

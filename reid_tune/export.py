@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,7 +141,8 @@ class OnnxModel(ExportedModel):
             )
         except Exception as err:  # ONNX Runtime raises its own types for a file that is no ONNX model
             raise InputError(f"{path}: not an ONNX model ({one_line(err)})") from None
-        self.metadata = _decoded(path, self.session.get_modelmeta().custom_metadata_map)
+        props = self.session.get_modelmeta().custom_metadata_map  # key -> a JSON text each
+        self.metadata = _checked(path, lambda: {key: json.loads(value) for key, value in props.items()})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         inputs = {INPUT_NAME: images.detach().to("cpu", torch.float32).numpy()}
@@ -161,20 +162,17 @@ class TorchScriptModel(ExportedModel):
                 self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
         except (RuntimeError, ValueError) as err:
             raise InputError(f"{path}: not a TorchScript archive ({one_line(err)})") from None
-        try:
-            stored = json.loads(extra[METADATA_FILE] or "{}")
-        except json.JSONDecodeError:
-            stored = {}
-        self.metadata = _decoded(path, {key: json.dumps(value) for key, value in stored.items()})
+        self.metadata = _checked(path, lambda: json.loads(extra[METADATA_FILE] or "{}"))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.module(images)
 
 
-def _decoded(path: Path, props: dict[str, str]) -> dict[str, Any]:
-    """The JSON values of a file's metadata; a file without reid-tune's is an error naming what lacks."""
+def _checked(path: Path, decode: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A file's metadata, as ``decode`` reads its JSON; a file without reid-tune's is an error naming what
+    it lacks."""
     try:
-        metadata = {key: json.loads(value) for key, value in props.items()}
+        metadata = decode()
     except json.JSONDecodeError:
         metadata = {}
     missing = [key for key in _NEEDED_METADATA if key not in metadata]

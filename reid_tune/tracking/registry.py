@@ -130,12 +130,9 @@ def model_version(client: MlflowClient, model_uri: str) -> ModelVersion:
         raise TrackingError(f"--model {model_uri}: {err.message.splitlines()[0]}") from None
 
 
-def log_export(model_uri: str, path: Path, fmt: str, *, tracking_uri: str | None = None) -> str:
-    """Log an exported file as an artifact of the run the registered ``model_uri`` comes from (under
+def log_export(client: MlflowClient, version: ModelVersion, path: Path, fmt: str) -> str:
+    """Log an exported file as an artifact of the run the registered ``version`` comes from (under
     ``export/``) and tag the version with its location (tag ``export_<fmt>``); returns that location."""
-    uri = checked_uri(tracking_uri, existing=True)
-    client = MlflowClient(uri, registry_uri=uri)
-    version = model_version(client, model_uri)
     run_id = version.run_id or client.get_logged_model(version.model_id).source_run_id
     client.log_artifact(run_id, str(path), EXPORT_ARTIFACTS)
     location = f"runs:/{run_id}/{EXPORT_ARTIFACTS}/{Path(path).name}"
