@@ -37,8 +37,10 @@ def test_the_page_sets_the_model_training_view_once_and_nothing_else_changes() -
 
 
 @pytest.mark.slow
-def test_reid_tune_ui_serves_the_search_until_interrupted(tmp_path: Path, demo_data: Path) -> None:
-    """The store and the experiment come from the search-space file."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_reid_tune_ui_serves_the_search_until_interrupted(tmp_path: Path, demo_data: Path, stop: int) -> None:
+    """The store and the experiment come from the search-space file; the server stops with the command
+    (it runs in its own session, which neither signal reaches)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tmp_path, demo_data, "demo", tracking_uri=uri)
     experiment = MlflowClient(uri).create_experiment("demo")
@@ -55,7 +57,7 @@ def test_reid_tune_ui_serves_the_search_until_interrupted(tmp_path: Path, demo_d
         with urllib.request.urlopen(base, timeout=10) as page:
             assert SCRIPT in page.read().decode()
     finally:
-        ui.send_signal(signal.SIGINT)  # Ctrl-C
+        ui.send_signal(stop)
         assert ui.wait(timeout=60) == 0, ui.stderr.read()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{base}/health", timeout=5)

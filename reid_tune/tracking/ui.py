@@ -93,6 +93,11 @@ def stop_ui(server: subprocess.Popen[bytes]) -> None:
             server.wait()
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    """A termination signal, handled as Ctrl-C is."""
+    raise KeyboardInterrupt
+
+
 def experiment_page(client: MlflowClient, experiment: str | None) -> str:
     """The UI's page of ``experiment``'s runs (the experiments list without one); an unknown name is an
     error."""
@@ -116,6 +121,8 @@ def serve_ui(tracking_uri: str | None, experiment: str | None, *, host: str, por
         return
     server, base = start_ui(client.tracking_uri, host=host, port=port, quiet=True)
     echo(f"MLflow UI on {client.tracking_uri}: {base}/{page}  (Ctrl-C stops it)")
+    for stop in (signal.SIGTERM, signal.SIGHUP):  # the server has its own session: stopped like Ctrl-C
+        signal.signal(stop, _interrupt)
     try:
         status = server.wait()
     except KeyboardInterrupt:
